@@ -1,0 +1,1 @@
+"""Process math (interpolants, losses, guidance, samplers). Takes callables; never imports a model."""

@@ -1,0 +1,44 @@
+"""Per-sample random streams: a sample's noise depends only on (seed, stream), never on batch composition."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int, stream: int) -> int:
+    """splitmix64 of (seed, stream) -> a well-spread 63-bit generator seed."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(stream) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def generator_for(seed: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(seed, stream))
+
+
+def per_sample_randn(
+    seeds: Sequence[int], shape: tuple[int, ...], stream: int = 0, dtype=torch.float32, device="cpu"
+) -> torch.Tensor:
+    """(len(seeds), *shape) standard normal; row i is a function of (seeds[i], stream) only."""
+    rows = [torch.randn(shape, generator=generator_for(s, stream)) for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def per_sample_randint(seeds: Sequence[int], high: int, stream: int = 1, device="cpu") -> torch.Tensor:
+    """(len(seeds),) integers in [0, high); row i depends on (seeds[i], stream) only."""
+    vals = [int(torch.randint(high, (1,), generator=generator_for(s, stream))) for s in seeds]
+    return torch.tensor(vals, dtype=torch.long, device=device)
+
+
+class PerSampleNoise:
+    """One generator per sample; each call draws the next (shape) normal for every sample (used for SDE steps)."""
+
+    def __init__(self, seeds: Sequence[int], stream: int):
+        self.gens = [generator_for(s, stream) for s in seeds]
+
+    def randn(self, shape: tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(device=device, dtype=dtype)
