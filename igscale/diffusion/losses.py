@@ -1,7 +1,8 @@
 """Flow-matching loss with the Internal Guidance auxiliary term.
 
 loss_i = mean_CHW (D_f - v)² + aux_weight · mean_heads mean_CHW (D_i - v)²  [+ cosine term on D_f, LightningDiT option]
-The model is any callable model_fn(x_t, t, y[, drop_mask=...]) -> (D_f, D_i or [D_i, ...]); this module never imports a model.
+The model is any callable model_fn(x_t, t, y[, drop_mask=...]) -> (D_f, D_i or [D_i, ...]);
+this module never imports a model.
 """
 from __future__ import annotations
 
