@@ -42,7 +42,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain softmax(QKᵀ/sqrt(d))V in fp32: the reference the fast paths are tested against."""
+    """Plain softmax(QKᵀ/sqrt(d))V in at least fp32: the reference the fast paths are tested against."""
+    dt = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5
-    w = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)  # (B, H, L, L)
-    return (w @ v.float()).to(q.dtype)
+    w = torch.softmax((q.to(dt) @ k.to(dt).transpose(-2, -1)) * scale, dim=-1)  # (B, H, L, L)
+    return (w @ v.to(dt)).to(q.dtype)
