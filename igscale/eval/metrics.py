@@ -1,0 +1,101 @@
+"""Inception Score and improved precision/recall with the ADM evaluator's definitions.
+
+- IS: softmax over the bias-free logits (pool3 @ W, 1008 classes), split into parts of 5000 samples,
+  exp(mean_i KL(p(y|x_i) || p(y))) per part, averaged over parts.
+- Precision/recall (Kynkäänniemi et al. 2019, k=3): the radius of each point is the squared euclidean distance
+  to its 3rd nearest neighbour within its own set (the point itself counts as the 0th). Precision is the fraction
+  of samples inside at least one reference ball, recall the fraction of references inside a sample ball.
+  Distances are computed in float32 blocks (ADM uses float16 with a float32 fallback; see docs/evaluation.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from igscale.eval.fid import GaussianStats, compute_stats, frechet_distance
+
+__all__ = ["inception_score", "manifold_radii", "precision_recall", "compute_all_metrics"]
+
+
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """IS from (N, K) logits. Softmax in float64; parts of `split_size` rows (the last may be shorter)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or len(z) == 0:
+        raise ValueError(f"need (N, K) logits, got shape {z.shape}")
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i : i + split_size]
+        py = part.mean(axis=0, keepdims=True)
+        # 0 * log 0 = 0: softmax outputs can underflow to exactly zero in float64.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(py)), 0.0).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # (n, m) squared euclidean distances, clamped at 0 like ADM's DistanceBlock.
+    d = (a * a).sum(1, keepdim=True) - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def manifold_radii(features: np.ndarray, k: int = 3, block: int = 10000) -> np.ndarray:
+    """(N,) squared distance of each point to its k-th nearest neighbour in the same set (self = 0th)."""
+    f = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    if len(f) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points, got {len(f)}")
+    out = torch.empty(len(f))
+    for i in range(0, len(f), block):
+        d = _sqdist(f[i : i + block], f)
+        out[i : i + block] = torch.kthvalue(d, k + 1, dim=1).values
+    return out.numpy()
+
+
+def _fraction_inside(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, block: int) -> float:
+    inside = torch.zeros(len(points), dtype=torch.bool)
+    for i in range(0, len(points), block):
+        for j in range(0, len(centers), block):
+            d = _sqdist(points[i : i + block], centers[j : j + block])
+            inside[i : i + block] |= (d <= radii[None, j : j + block]).any(dim=1)
+    return float(inside.double().mean())
+
+
+def precision_recall(ref: np.ndarray, sample: np.ndarray, k: int = 3, block: int = 10000) -> tuple[float, float]:
+    """(precision, recall) of `sample` features against `ref` features, ADM/Kynkäänniemi definition."""
+    r = torch.as_tensor(np.asarray(ref, dtype=np.float32))
+    s = torch.as_tensor(np.asarray(sample, dtype=np.float32))
+    if r.ndim != 2 or s.ndim != 2 or r.shape[1] != s.shape[1]:
+        raise ValueError(f"feature shapes do not match: ref {tuple(r.shape)}, sample {tuple(s.shape)}")
+    radii_r = torch.as_tensor(manifold_radii(r.numpy(), k, block))
+    radii_s = torch.as_tensor(manifold_radii(s.numpy(), k, block))
+    precision = _fraction_inside(s, r, radii_r, block)
+    recall = _fraction_inside(r, s, radii_s, block)
+    return precision, recall
+
+
+def compute_all_metrics(
+    sample_pool: np.ndarray,
+    sample_spatial: np.ndarray,
+    sample_logits: np.ndarray,
+    ref_stats: GaussianStats,
+    ref_stats_spatial: GaussianStats,
+    ref_pool: np.ndarray,
+    *,
+    is_split: int = 5000,
+) -> dict[str, float]:
+    """FID, sFID, IS, precision, recall of a sample set against a reference batch (ADM evaluator protocol)."""
+    s = compute_stats(sample_pool)
+    ss = compute_stats(sample_spatial)
+    prec, rec = precision_recall(ref_pool, sample_pool)
+    return {
+        "fid": frechet_distance(s.mu, s.sigma, ref_stats.mu, ref_stats.sigma),
+        "sfid": frechet_distance(ss.mu, ss.sigma, ref_stats_spatial.mu, ref_stats_spatial.sigma),
+        "inception_score": inception_score(sample_logits, is_split),
+        "precision": prec,
+        "recall": rec,
+        "num_samples": int(len(sample_pool)),
+        "num_ref_images": int(len(ref_pool)),
+    }
