@@ -1,0 +1,104 @@
+"""Load a RunConfig from YAML plus dotted `key=value` overrides, and save the resolved result.
+
+    cfg = load_config("configs/sit_xl2_ig.yaml", ["train.global_batch=512", "engine.zero_stage=3"])
+
+A YAML file may name one parent with `base: other.yaml` (resolved relative to the file); the child's keys are
+deep-merged over it. Override values are parsed as YAML scalars/lists (`1e-4`, `true`, `[0.9, 0.95]`, `null`), and
+the final dict goes through `typed.from_dict`, so unknown keys and wrong types are rejected with the dotted path.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+from igscale.config.schema import RunConfig
+from igscale.config.typed import ConfigError, from_dict, to_dict
+
+__all__ = ["load_config", "config_from_dict", "parse_overrides", "save_config", "config_to_yaml"]
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "overrides":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: str, _depth: int = 0) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if _depth >= 1:
+            raise ConfigError(f"{path}: only one level of `base:` is allowed")
+        parent = _read_yaml(os.path.join(os.path.dirname(path), base), _depth + 1)
+        data = _deep_merge(parent, data)
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["a.b=1", "c=[1,2]"] -> {"a": {"b": 1}, "c": [1, 2]} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is both a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = from_dict(RunConfig, data)
+    validate_model(cfg)
+    return cfg
+
+
+def validate_model(cfg: RunConfig) -> None:
+    """Check model.name/overrides against the model registry now, not after the workers have started."""
+    from igscale.models import model_config  # config may import the models' own config dataclasses
+
+    try:
+        model_config(cfg.model.name, **cfg.model.overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from e
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    data = _read_yaml(path) if path else {}
+    data = _deep_merge(data, parse_overrides(list(overrides)))
+    return config_from_dict(data)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config; reloading it with `load_config(path)` gives an equal RunConfig."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config_to_yaml(cfg))
+    os.replace(tmp, path)

@@ -1,0 +1,215 @@
+"""RunConfig: the typed, validated description of one training run.
+
+Every section is a keyword-only dataclass built through `igscale.config.typed.from_dict`, so an unknown key or
+a wrong type fails with the dotted path before any worker starts. `__post_init__` checks value ranges and
+cross-field rules (raising ValueError, which `from_dict` turns into ConfigError with the section path).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ModelSection", "DataSection", "LossSection", "OptimSection", "EngineSection", "TrainSection",
+    "CheckpointSection", "LoggingSection", "SampleSection", "RunConfig", "MUON_ZERO_STAGES",
+]
+
+# Our Muon orthogonalises whole 2-D gradient matrices, so it is correct only where DeepSpeed hands the client
+# optimizer the real parameters: no ZeRO partitioning and no DeepSpeed bf16/fp16 optimizer (both flatten).
+MUON_ZERO_STAGES = (0,)
+MUON_PRECISIONS = ("fp32", "bf16_autocast")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    name: str = "SiT-XL/2"
+    """Registry name passed to igscale.models.build_model (e.g. "SiT-XL/2", "LightningDiT-XL/1")."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Keyword overrides for build_model (input_size, hidden_size, depth, ig_layers, ...)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward (model.set_activation_checkpointing)."""
+    compile: bool = False
+    """Wrap the model in torch.compile before handing it to DeepSpeed."""
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    manifest_url: str = ""
+    """URL of the latent-shard manifest written by data_pipeline (s3://..., file://... or a local path)."""
+    endpoint_url: str | None = None
+    """S3 endpoint; None reads S3_ENDPOINT_URL from the environment."""
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    on_corrupt: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self):
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("num_workers and shuffle_buffer must be >= 0")
+
+
+@dataclass(kw_only=True)
+class LossSection:
+    path: Literal["linear", "cosine"] = "linear"
+    aux_weight: float = 0.5
+    """Weight of the IG auxiliary (intermediate-head) loss; 0.5 in both official trainers."""
+    cosine_loss: bool = False
+    """LightningDiT's extra channel-cosine loss on D_f."""
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """uniform (both official recipes) or logit_normal(t_mean, t_std) (SiT's `lognormal` weighting)."""
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    label_dropout: float = 0.1
+    """Probability of replacing a label with the null class (drawn from the run's own RNG stream)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.aux_weight < 0:
+            raise ValueError("aux_weight must be >= 0")
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    name: Literal["adamw", "fused_adam", "cpu_adam", "muon"] = "adamw"
+    """adamw: torch AdamW (fused on CUDA); fused_adam: DeepSpeed FusedAdam; cpu_adam: DeepSpeed CPU-offload Adam;
+    muon: Muon on >=2-D weights + Adam on the rest (LightningDiT+IG recipe)."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps, then constant."""
+    muon_lr: float = 2e-4
+    muon_weight_decay: float = 0.01
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise ValueError("learning rates must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+
+
+@dataclass(kw_only=True)
+class EngineSection:
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16", "bf16_autocast"] = "bf16"
+    """bf16/fp16: DeepSpeed low-precision weights with fp32 master copy; bf16_autocast: fp32 weights, bf16 matmuls."""
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    tf32: bool = True
+    offload_optimizer: bool = False
+    """ZeRO optimizer-state offload to CPU (use with optim.name=cpu_adam)."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
+        if self.grad_clip < 0:
+            raise ValueError("grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    global_batch: int = 256
+    """Images per optimizer step across all ranks (= micro_batch * grad_accum * world)."""
+    total_steps: int = 0
+    """Stop after this many optimizer steps; 0 means use `epochs`."""
+    epochs: float = 0.0
+    """Run length in passes over the manifest's samples (used when total_steps is 0)."""
+    seed: int = 0
+    ema_decay: float = 0.9999
+    max_nonfinite: int = 20
+    """NaN/Inf losses skip their step; after this many skipped steps the run checkpoints and stops."""
+
+    def __post_init__(self):
+        if self.global_batch < 1:
+            raise ValueError("global_batch must be >= 1")
+        if self.total_steps < 0 or self.epochs < 0:
+            raise ValueError("total_steps and epochs must be >= 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    url: str = ""
+    """Where checkpoints go (s3://bucket/prefix or a local folder); defaults to <run_dir>/checkpoints."""
+    every_steps: int = 50_000
+    keep_last: int = 2
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    staging_dir: str = ""
+    """Local folder for writing before upload; defaults to <run_dir>/staging."""
+    resume: bool = True
+    """Resume from the `latest` pointer if one exists."""
+
+    def __post_init__(self):
+        if self.every_steps < 1 or self.keep_last < 1 or self.keep_every < 0:
+            raise ValueError("every_steps and keep_last must be >= 1, keep_every >= 0")
+
+
+@dataclass(kw_only=True)
+class SampleSection:
+    every_steps: int = 100_000
+    """Write IG-on / IG-off sample grids to TensorBoard every this many steps (0: never)."""
+    num: int = 8
+    num_steps: int = 50
+    method: Literal["euler", "heun", "sde"] = "euler"
+    w_cfg: float = 1.0
+    w_ig: float = 1.4
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class LoggingSection:
+    every_steps: int = 100
+    tensorboard: bool = True
+    peak_tflops: float = 0.0
+    """Per-device peak for the MFU estimate; 0 picks a known value for the GPU (or none on CPU)."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    """Local folder for the resolved config, TensorBoard events and staging."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self):
+        if self.optim.name == "muon" and (
+            self.engine.zero_stage not in MUON_ZERO_STAGES or self.engine.precision not in MUON_PRECISIONS
+        ):
+            raise ValueError(
+                f"optim.name=muon is supported only with engine.zero_stage in {list(MUON_ZERO_STAGES)} and "
+                f"engine.precision in {list(MUON_PRECISIONS)} (got zero_stage={self.engine.zero_stage}, "
+                f"precision={self.engine.precision}): ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers hand the "
+                "optimizer flattened 1-D partitions, on which Muon's matrix orthogonalisation is wrong"
+            )
+        if self.optim.name == "cpu_adam" and not self.engine.offload_optimizer:
+            raise ValueError("optim.name=cpu_adam needs engine.offload_optimizer=true (and zero_stage >= 1)")
+        if self.engine.offload_optimizer and self.engine.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+
+    def micro_batch(self, world_size: int) -> int:
+        """Per-rank batch of one forward pass; global_batch must split evenly."""
+        denom = world_size * self.engine.grad_accum
+        if self.train.global_batch % denom:
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} is not divisible by world_size*grad_accum={denom}"
+            )
+        return self.train.global_batch // denom
+
+    def replace(self, **kw) -> RunConfig:
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,173 @@
+"""DeepSpeed adapter: ds_config from RunConfig, optimizer choice, and the handful of engine calls the trainer uses.
+
+The trainer only sees this class (forward/backward/step, LR, grad norm, parameter views for the EMA, save/load), so
+ZeRO stage and precision stay a config detail. Any nn.Module works; the engine never imports igscale.models.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from igscale.config.schema import RunConfig
+
+__all__ = ["build_ds_config", "DeepSpeedEngine", "init_deepspeed_distributed"]
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    e = cfg.engine
+    zero: dict = {"stage": e.zero_stage}
+    if e.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+    if e.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch(world_size),
+        "gradient_accumulation_steps": e.grad_accum,
+        "gradient_clipping": e.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": e.precision == "bf16"},
+        "fp16": {"enabled": e.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if e.precision == "bf16_autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
+
+
+def init_deepspeed_distributed() -> None:
+    """Join DeepSpeed to the existing process group (created by igscale.distributed.env.init_distributed).
+
+    On CPU, DeepSpeed compiles a shared-memory comm op (~35 s) at init even with gloo; gloo does not need it, so
+    the builder is replaced by a no-op in the module object (the name `deepspeed.comm.torch` resolves to torch).
+    """
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kw)
+    if o.name == "fused_adam":
+        if not torch.cuda.is_available():
+            raise ValueError("optim.name=fused_adam needs CUDA; use adamw (or cpu_adam with offload) on CPU")
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, **kw)
+    if o.name == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    raise ValueError(f"optim.name={o.name!r} must be built by the caller and passed as `optimizer=`")
+
+
+class DeepSpeedEngine:
+    """Wraps deepspeed.initialize. `optimizer` may be given (e.g. Muon); otherwise it is built from cfg.optim."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, *, world_size: int,
+                 optimizer: torch.optim.Optimizer | None = None):
+        import deepspeed
+
+        self.cfg = cfg
+        self.zero_stage = cfg.engine.zero_stage
+        self.ds_config = build_ds_config(cfg, world_size)
+        if cfg.engine.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if optimizer is None:
+            optimizer = _build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        for g in optimizer.param_groups:  # LR schedules scale each group's own base LR (Muon and Adam differ)
+            g.setdefault("base_lr", g["lr"])
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+        )
+        self.module: torch.nn.Module = self.ds.module
+        self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+    # -- training ------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def is_boundary(self) -> bool:
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def set_lr_factor(self, factor: float) -> None:
+        for g in self.ds.optimizer.param_groups:
+            g["lr"] = g.get("base_lr", g["lr"]) * factor
+        for g in self.optimizer.param_groups:
+            if "base_lr" in g:
+                g["lr"] = g["base_lr"] * factor
+
+    def lr(self) -> float:
+        return float(self.ds.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> float:
+        n = self.ds.get_global_grad_norm()
+        return float(n) if n is not None else float("nan")
+
+    def low_precision_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.engine.precision, torch.float32)
+
+    # -- weights -------------------------------------------------------------------------------------------
+    def param_views(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) with this rank's view of each trainable weight: full, or the ZeRO-3 local partition."""
+        params = dict(self.module.named_parameters())
+        if self.zero_stage == 3:
+            return [(n, params[n].ds_tensor) for n in self._names]
+        return [(n, params[n]) for n in self._names]
+
+    def gather_shard(self, name: str, shard: torch.Tensor) -> torch.Tensor:
+        """Reassemble a full tensor from per-rank flat ZeRO-3 partitions laid out like `name`'s ds_tensor."""
+        if self.zero_stage != 3:
+            return shard.clone()
+        p = dict(self.module.named_parameters())[name]
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, shard.contiguous())
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).clone()
+
+    @contextlib.contextmanager
+    def full_params(self):
+        """Context in which module parameters are whole on every rank (a no-op below ZeRO-3)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield self.module
+        else:
+            yield self.module
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        with self.full_params() as m:
+            return {k: v.detach().float().cpu().clone() for k, v in m.state_dict().items()}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, save_dir: str, tag: str) -> None:
+        """DeepSpeed training state (weights, optimizer, ZeRO partitions) of this rank into save_dir/tag."""
+        os.makedirs(save_dir, exist_ok=True)
+        self.ds.save_checkpoint(save_dir, tag=tag, save_latest=False)
+
+    def load(self, load_dir: str, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {load_dir}")

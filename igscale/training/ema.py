@@ -1,0 +1,49 @@
+"""Exponential moving average of the weights, kept in fp32 and ZeRO-stage agnostic.
+
+The EMA never sees DeepSpeed: it is handed `views`, a list of (name, tensor) pairs with the rank's own view of each
+parameter. For ZeRO 0-2 that is the full parameter (every rank holds an identical full EMA); under ZeRO-3 it is the
+rank's local partition (`param.ds_tensor`), so the EMA is sharded exactly like the weights and its update needs no
+communication. `full_state_dict` takes a `gather(name, shard) -> full tensor` callable to assemble the full EMA.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    def __init__(self, views: Iterable[tuple[str, torch.Tensor]], decay: float = 0.9999):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        # The initial EMA is an exact copy of the weights (decay 0 at step 0), as in the official update_ema.
+        self.shadow: dict[str, torch.Tensor] = {n: v.detach().float().clone() for n, v in views}
+
+    @torch.no_grad()
+    def update(self, views: Iterable[tuple[str, torch.Tensor]], decay: float | None = None) -> None:
+        """ema <- decay * ema + (1 - decay) * w, in fp32."""
+        d = self.decay if decay is None else decay
+        for n, v in views:
+            self.shadow[n].lerp_(v.detach().float(), 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {n: t.clone() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        unexpected = set(state["shadow"]) - set(self.shadow)
+        if missing or unexpected:
+            raise ValueError(f"EMA state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        for n, t in state["shadow"].items():
+            if t.shape != self.shadow[n].shape:
+                raise ValueError(f"EMA {n}: checkpoint shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)}")
+            self.shadow[n].copy_(t)
+
+    def full_state_dict(self, gather: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """Full fp32 EMA tensors by parameter name (gathering shards under ZeRO-3)."""
+        if gather is None:
+            return {n: t.clone() for n, t in self.shadow.items()}
+        return {n: gather(n, t) for n, t in self.shadow.items()}

@@ -1,0 +1,132 @@
+"""Muon (momentum + Newton-Schulz orthogonalisation) for >=2-D weights, with Adam for everything else.
+
+Written from the description of the official LightningDiT+IG optimizer (ig_official_code_notes.md §3,
+"MuonWithAuxAdam"), including its stacked LR scaling (§9.8):
+  1. G: grad flattened to 2-D, rows = dim 0.   2. m <- lerp(m, G, 1-beta); U = lerp(G, m, beta) (Nesterov).
+  3. U <- NS5(U / (||U||_F + 1e-7)) with (a, b, c) = (3.4445, -4.7750, 2.0315), in bf16, on the wide orientation.
+  4. U <- U * sqrt(max(1, rows/cols)).        5. step = lr * 0.2 * sqrt(max(shape[0], shape[1])).
+  6. p <- p * (1 - lr*wd) - step * U          (decoupled weight decay with the unadjusted lr).
+The matrix math needs each parameter's whole gradient, so this optimizer is correct only where DeepSpeed passes
+real parameters through (no ZeRO partitioning, no DeepSpeed bf16/fp16 flattening); RunConfig enforces that.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["MuonWithAdam", "newton_schulz5", "muon_param_groups"]
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the orthogonal factor U·Vᵀ of G (R, K) with quintic Newton-Schulz iterations."""
+    a, b, c = NS_COEFFS
+    X = G.to(dtype)
+    X = X / (X.norm() + 1e-7)
+    transpose = X.shape[0] > X.shape[1]
+    if transpose:  # iterate on the wide orientation so X·Xᵀ is the small Gram matrix
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT  # (R', R')
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if transpose else X
+
+
+def muon_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], *, muon_lr: float, muon_wd: float,
+                      momentum: float, ns_steps: int, adam_lr: float, betas: tuple[float, float], eps: float,
+                      adam_wd: float) -> list[dict]:
+    """Trainable params with ndim >= 2 -> Muon group; the rest (biases, norm weights) -> Adam group.
+
+    Frozen parameters (e.g. the sin-cos pos_embed) are left out on purpose: upstream puts pos_embed in the Muon
+    group, where weight decay slowly erases it (notes §9.7).
+    """
+    muon, adam = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (muon if p.ndim >= 2 else adam).append(p)
+    groups = []
+    if muon:
+        groups.append(dict(params=muon, use_muon=True, lr=muon_lr, weight_decay=muon_wd, momentum=momentum,
+                           ns_steps=ns_steps))
+    if adam:
+        groups.append(dict(params=adam, use_muon=False, lr=adam_lr, weight_decay=adam_wd, betas=tuple(betas),
+                           eps=eps))
+    return groups
+
+
+class MuonWithAdam(torch.optim.Optimizer):
+    def __init__(self, param_groups: list[dict]):
+        for g in param_groups:
+            if "use_muon" not in g:
+                raise ValueError("every MuonWithAdam param group needs a use_muon flag (see muon_param_groups)")
+            if g["use_muon"]:
+                g.setdefault("momentum", 0.95)
+                g.setdefault("ns_steps", 5)
+                g.setdefault("weight_decay", 0.0)
+                bad = [tuple(p.shape) for p in g["params"] if p.ndim < 2]
+                if bad:
+                    raise ValueError(
+                        f"Muon got parameters with fewer than 2 dims {bad[:3]}: the optimizer is seeing flattened "
+                        "partitions (ZeRO or a DeepSpeed bf16/fp16 optimizer); use zero_stage 0 with fp32 or "
+                        "bf16_autocast precision"
+                    )
+            else:
+                g.setdefault("betas", (0.9, 0.95))
+                g.setdefault("eps", 1e-8)
+                g.setdefault("weight_decay", 0.0)
+        super().__init__(param_groups, defaults={})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group(group)
+            else:
+                self._adam_group(group)
+        return loss
+
+    def _muon_group(self, group: dict) -> None:
+        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+            m = state["momentum_buffer"]
+            g2 = g.float().reshape(g.shape[0], -1)  # (rows, cols)
+            m2 = m.view(g.shape[0], -1)
+            m2.lerp_(g2, 1.0 - beta)
+            u = g2.lerp(m2, beta)  # Nesterov
+            rows, cols = u.shape
+            u = newton_schulz5(u, group["ns_steps"]).float() * math.sqrt(max(1.0, rows / cols))
+            adjusted_lr = lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))
+            p.mul_(1.0 - lr * wd)
+            p.add_(u.view_as(p).to(p.dtype), alpha=-adjusted_lr)
+
+    def _adam_group(self, group: dict) -> None:
+        lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+            g = p.grad.float()
+            state["exp_avg"].lerp_(g, 1.0 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            bc1 = 1.0 - b1 ** state["step"]
+            bc2 = 1.0 - b2 ** state["step"]
+            denom = (state["exp_avg_sq"] / bc2).sqrt_().add_(eps)
+            p.mul_(1.0 - lr * wd)
+            p.add_((state["exp_avg"] / bc1 / denom).to(p.dtype), alpha=-lr)
