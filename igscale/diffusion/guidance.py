@@ -37,12 +37,16 @@ class GuidanceConfig:
 
 
 def internal_guidance(d_f: torch.Tensor, d_i: torch.Tensor, w_ig: float) -> torch.Tensor:
-    """D_i + w_ig·(D_f − D_i): extrapolate from the weak intermediate prediction toward the final one."""
-    return d_i + w_ig * (d_f - d_i)
+    """D_i + w_ig·(D_f − D_i): extrapolate from the weak intermediate prediction toward the final one.
+
+    Written as D_f + (w_ig − 1)·(D_f − D_i), the same value, which is exactly D_f at w_ig = 1 in floating point.
+    """
+    return d_f + (w_ig - 1) * (d_f - d_i)
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, w_cfg: float) -> torch.Tensor:
-    return uncond + w_cfg * (cond - uncond)
+    """uncond + w_cfg·(cond − uncond), written so that w_cfg = 1 returns cond exactly."""
+    return cond + (w_cfg - 1) * (cond - uncond)
 
 
 class GuidedVelocity:
