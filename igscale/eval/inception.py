@@ -212,18 +212,16 @@ def _missing_weights_error(url: str) -> FileNotFoundError:
 
 
 def _read_weights(url: str) -> bytes:
-    if "://" in url and not url.startswith("file://"):
-        from igscale.io.storage import open_storage
+    if url.startswith("s3://"):
+        from igscale.io.storage import split_url
 
-        store = open_storage(url)
+        if url.endswith("/"):
+            url += WEIGHTS_FILENAME
+        store, name = split_url(url)
         try:
-            return store.get_bytes("")
+            return store.get_bytes(name)
         except FileNotFoundError as e:
             raise _missing_weights_error(url) from e
-        except Exception as e:  # noqa: BLE001 - backends raise their own "not found" types
-            if "NoSuchKey" in type(e).__name__ or "404" in str(e) or "Not Found" in str(e):
-                raise _missing_weights_error(url) from e
-            raise
     path = url[len("file://"):] if url.startswith("file://") else url
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHTS_FILENAME)

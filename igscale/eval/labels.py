@@ -11,6 +11,8 @@ from typing import Literal
 
 import numpy as np
 
+from igscale.diffusion.noise import per_sample_randint
+
 __all__ = ["LABEL_STREAM", "make_labels"]
 
 LABEL_STREAM = 1  # stream id of the label draw; stream 0 is the initial noise (igscale.diffusion.noise)
@@ -23,14 +25,14 @@ def make_labels(
     base_seed: int = 0,
 ) -> np.ndarray:
     """(num_samples,) int64 labels for samples 0..N-1 under the given protocol."""
+    if base_seed < 0:
+        raise ValueError(f"base_seed must be >= 0, got {base_seed}")
     if num_samples < 1 or num_classes < 1:
         raise ValueError(f"num_samples and num_classes must be positive, got {num_samples}, {num_classes}")
     if mode == "random":
-        seeds = base_seed + np.arange(num_samples, dtype=np.int64)
-        # One tiny generator per sample keeps label i a function of its own seed only.
-        return np.array(
-            [np.random.default_rng([int(s), LABEL_STREAM]).integers(num_classes) for s in seeds], dtype=np.int64
-        )
+        # One tiny generator per sample (the diffusion noise scheme) keeps label i a function of its own seed only.
+        seeds = range(base_seed, base_seed + num_samples)
+        return per_sample_randint(seeds, num_classes, stream=LABEL_STREAM).numpy().astype(np.int64)
     if mode == "balanced":
         if num_samples % num_classes:
             raise ValueError(

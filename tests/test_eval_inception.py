@@ -1,0 +1,105 @@
+"""FID InceptionV3: the published pytorch-fid key layout loads (local and S3), outputs follow the ADM definitions."""
+import numpy as np
+import pytest
+import torch
+
+from igscale.eval.inception import WEIGHTS_FILENAME, WEIGHTS_URL, InceptionV3, load_inception, tf1_resize_bilinear
+
+
+def _random_published_state(seed=0):
+    torch.manual_seed(seed)
+    m = InceptionV3()
+    sd = {}
+    for k, v in m.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue  # the published file has no such buffers
+        if k.endswith("running_var"):
+            sd[k] = torch.rand_like(v) + 0.5
+        elif k.endswith("running_mean") or k.endswith(".bias"):
+            sd[k] = torch.randn_like(v) * 0.1
+        elif k.endswith("bn.weight"):
+            sd[k] = torch.rand_like(v) + 0.5
+        else:  # conv / fc weights, fan-in scaled so activations stay O(1)
+            fan_in = v[0].numel()
+            sd[k] = torch.randn_like(v) * (2.0 / fan_in) ** 0.5
+    return sd
+
+
+def test_published_layout_keys_and_size():
+    sd = InceptionV3().state_dict()
+    params = {k: v for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    # torchvision's InceptionV3 has 27,161,264 params; minus AuxLogits (3,326,696), plus 8 extra classes (1008).
+    assert sum(v.numel() for v in params.values()) == 23_850_960
+    shapes = {  # a few entries of pt_inception-2015-12-05-6726825d.pth
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_4a_3x3.bn.running_var": (192,),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_6d.branch7x7dbl_5.conv.weight": (192, 160, 1, 7),
+        "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "fc.weight": (1008, 2048),
+        "fc.bias": (1008,),
+    }
+    for k, shp in shapes.items():
+        assert tuple(sd[k].shape) == shp, k
+    assert not any(k.startswith("AuxLogits") for k in sd)
+
+
+def test_random_published_state_loads_and_runs(tmp_path):
+    sd = _random_published_state()
+    torch.save(sd, tmp_path / WEIGHTS_FILENAME)
+    model = load_inception(str(tmp_path))  # a folder resolves to the published file name
+    ref = InceptionV3()
+    ref.load_state_dict(sd, strict=False)
+    ref.eval()
+    imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    out = model(imgs)
+    assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, 2023)
+    assert torch.isfinite(out["pool"]).all() and out["pool"].std() > 0
+    # same numbers as a model given the state dict directly
+    torch.testing.assert_close(out["pool"], ref(imgs)["pool"])
+    # IS logits exclude the bias (ADM multiplies pool3 by the weight only)
+    torch.testing.assert_close(out["logits"], out["pool"] @ sd["fc.weight"].T)
+    # spatial = Mixed_6d 1x1 branch, first 7 channels, NHWC flattening
+    cap = {}
+    h = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: cap.setdefault("o", o))
+    model(imgs)
+    h.remove()
+    want = cap["o"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    torch.testing.assert_close(out["spatial"], want)
+    assert cap["o"].shape[-2:] == (17, 17)
+
+
+def test_weights_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_inception(str(tmp_path / "nope.pth"))
+    assert WEIGHTS_FILENAME in str(e.value) and WEIGHTS_URL in str(e.value)
+    sd = _random_published_state()
+    sd["AuxLogits.fc.weight"] = torch.zeros(1000, 768)
+    del sd["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not the pytorch-fid Inception layout"):
+        load_inception(str(tmp_path / "bad.pth"))
+    with pytest.raises(ValueError, match="NHWC"):
+        InceptionV3()(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_tf1_resize_grid():
+    # TF1 legacy bilinear (no half-pixel centres): output i samples input at i * in/out.
+    x = torch.tensor([[[[0.0, 10.0]]]]).expand(1, 1, 2, 2)
+    y = tf1_resize_bilinear(x, 3)
+    torch.testing.assert_close(y[0, 0, 0], torch.tensor([0.0, 20 / 3, 10.0]))
+    z = tf1_resize_bilinear(torch.arange(16.0).reshape(1, 1, 4, 4), 2)  # downsampling picks rows/cols 0 and 2
+    torch.testing.assert_close(z[0, 0], torch.tensor([[0.0, 2.0], [8.0, 10.0]]))
+
+
+@pytest.mark.slow
+def test_load_from_s3(s3_bucket, tmp_path):
+    from igscale.io.storage import open_storage
+
+    torch.save(_random_published_state(1), tmp_path / WEIGHTS_FILENAME)
+    open_storage(f"s3://{s3_bucket}/weights").put_file(WEIGHTS_FILENAME, tmp_path / WEIGHTS_FILENAME)
+    m = load_inception(f"s3://{s3_bucket}/weights/{WEIGHTS_FILENAME}")
+    assert m(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))["pool"].shape == (1, 2048)
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILENAME):
+        load_inception(f"s3://{s3_bucket}/elsewhere/")
