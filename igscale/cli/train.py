@@ -1,0 +1,128 @@
+"""`igscale train --config configs/<run>.yaml [key=value ...]`: the training composition root.
+
+Launch with torchrun, the deepspeed launcher, srun or Ray Train (rank/world come from the launcher's env). The
+config is resolved and validated before the process group or any worker starts, and saved with the run. Exit codes:
+0 finished, 2 bad config, 3 too many non-finite losses (checkpointed), 75 preempted (checkpointed; requeue).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from igscale.config.load import load_config, save_config
+from igscale.config.typed import ConfigError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="igscale train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="typed dotted overrides, e.g. train.global_batch=512")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.data.manifest_url and not args.dry_run:
+            raise ConfigError("data.manifest_url is empty: point it at a latent manifest (s3://... or a path)")
+    except ConfigError as e:
+        print(f"igscale train: invalid config: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from igscale.config.load import config_to_yaml
+
+        print(config_to_yaml(cfg), end="")
+        return 0
+    return _run(cfg)
+
+
+def _run(cfg) -> int:
+    import torch
+
+    from igscale.distributed.engine import DeepSpeedEngine, init_deepspeed_distributed
+    from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
+    from igscale.io.checkpoint import Checkpointer
+    from igscale.io.loader import LatentLoader
+    from igscale.io.metrics import MetricsSink, peak_flops
+    from igscale.models import build_model
+    from igscale.models.flops import train_flops_per_image
+    from igscale.training.loop import EXIT_OK, Trainer
+    from igscale.training.muon import MuonWithAdam, muon_param_groups
+    from igscale.training.samples import make_sample_fn
+
+    env = init_distributed(detect_env())
+    rank, world = env.rank, env.world_size
+    micro = cfg.micro_batch(world)
+    device = device_for(env)
+    init_deepspeed_distributed()
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    try:
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model.name, **cfg.model.overrides).to(device)
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        model_config = model.config
+        if cfg.model.compile:
+            model.compile()  # in place: parameter names (and checkpoints) stay unprefixed
+        loader = LatentLoader(cfg.data.manifest_url, batch_size=micro, rank=rank, world_size=world,
+                              num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                              shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
+                              on_corrupt=cfg.data.on_corrupt)
+        if tuple(loader.latent_shape) != tuple(model_config.latent_shape):
+            raise ConfigError(f"data latents have shape {tuple(loader.latent_shape)} but model "
+                              f"{cfg.model.name} expects {tuple(model_config.latent_shape)}")
+        optimizer = None
+        if cfg.optim.name == "muon":
+            o = cfg.optim
+            optimizer = MuonWithAdam(muon_param_groups(
+                model.named_parameters(), muon_lr=o.muon_lr, muon_wd=o.muon_weight_decay, momentum=o.muon_momentum,
+                ns_steps=o.muon_ns_steps, adam_lr=o.lr, betas=o.betas, eps=o.eps, adam_wd=o.weight_decay))
+        engine = DeepSpeedEngine(model, cfg, world_size=world, optimizer=optimizer)
+        ckpt = Checkpointer(cfg.checkpoint.url or os.path.join(run_dir, "checkpoints"),
+                            cfg.checkpoint.staging_dir or os.path.join(run_dir, "staging"), rank=rank,
+                            world_size=world, keep_last=cfg.checkpoint.keep_last,
+                            keep_every=cfg.checkpoint.keep_every, endpoint_url=cfg.data.endpoint_url)
+        metrics = MetricsSink(os.path.join(run_dir, "tensorboard"), enabled=rank == 0,
+                              tensorboard=cfg.logging.tensorboard,
+                              flops_per_image=train_flops_per_image(model_config),
+                              peak=peak_flops(cfg.logging.peak_tflops), world_size=world,
+                              jsonl=os.path.join(run_dir, "train_log.jsonl"))
+        sampler = make_sample_fn(cfg, model_config) if rank == 0 and cfg.sample.every_steps else None
+        trainer = Trainer(cfg, engine, loader, ckpt, metrics, rank=rank, world_size=world, device=device,
+                          num_samples=getattr(loader, "num_samples", None), sampler=sampler)
+        trainer.install_signal_handlers()
+        code = trainer.run()
+        if code == EXIT_OK:
+            _export(trainer, model_config, ckpt, rank)
+        metrics.close()
+        return code
+    except ConfigError as e:
+        print(f"igscale train: invalid config: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+
+
+def _export(trainer, model_config, ckpt, rank: int) -> None:
+    """Final inference export (EMA weights + model config) next to the checkpoints: <checkpoint url>/export."""
+    from igscale.eval.export_io import save_export
+    from igscale.models import build_model_from_config
+
+    sd = trainer.ema_full_state_dict()  # collective
+    if rank == 0:
+        model = build_model_from_config(model_config)
+        model.load_state_dict(sd)
+        url = ckpt.url.rstrip("/") + "/export"
+        save_export(model, url)
+        print(f"inference export written to {url}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

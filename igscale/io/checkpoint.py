@@ -1,0 +1,149 @@
+"""Checkpoints: write to local staging, upload through igscale.io.storage, then (and only then) move `latest`.
+
+Layout under the checkpoint URL:
+    step_000001000/<files of every rank>     DeepSpeed state (mp_rank_*, zero_pp_rank_*), trainer_rank*.pt, ...
+    step_000001000/_ranks/00000.json         one marker per rank, written after that rank's files are uploaded
+    step_000001000/COMPLETE                  written by rank 0 once all rank markers exist (json metadata)
+    latest                                   text: the tag of the newest COMPLETE checkpoint; written last
+A save that dies part-way leaves `latest` on the previous complete checkpoint. Retention (rank 0, after a save
+succeeded) keeps the last `keep_last` complete checkpoints plus every step that is a multiple of `keep_every`,
+and removes incomplete leftovers older than `latest`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from igscale.io.storage import Storage, open_storage
+
+__all__ = ["Checkpointer", "tag_for", "step_of"]
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.split("_", 1)[1])
+
+
+def _fault_kill(step: int, uploaded: int) -> None:
+    """Fault injection for tests: IGSCALE_FAULT_UPLOAD_KILL="<step>:<n>" SIGKILLs this process after n uploads."""
+    spec = os.environ.get("IGSCALE_FAULT_UPLOAD_KILL")
+    if spec:
+        s, n = (int(v) for v in spec.split(":"))
+        if s == step and uploaded >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Checkpointer:
+    def __init__(self, url: str, staging_dir: str, *, rank: int = 0, world_size: int = 1, keep_last: int = 2,
+                 keep_every: int = 0, endpoint_url: str | None = None):
+        self.storage: Storage = open_storage(url, endpoint_url=endpoint_url)
+        self.url = url
+        self.rank, self.world_size = rank, world_size
+        self.keep_last, self.keep_every = keep_last, keep_every
+        # Each rank stages in its own folder, so ranks sharing a node never upload each other's files.
+        self.staging = os.path.join(staging_dir, f"rank{rank:05d}")
+        os.makedirs(self.staging, exist_ok=True)
+
+    # -- save ----------------------------------------------------------------------------------------------
+    def save(self, step: int, write: Callable[[str, str], None], meta: dict | None = None) -> str:
+        """Collective: every rank calls it. `write(staging_dir, tag)` writes this rank's files into staging_dir/tag."""
+        tag = tag_for(step)
+        local = os.path.join(self.staging, tag)
+        shutil.rmtree(local, ignore_errors=True)
+        write(self.staging, tag)
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs
+        )
+        ok = 1
+        err: BaseException | None = None
+        try:
+            for i, rel in enumerate(files, 1):
+                self.storage.put_file(f"{tag}/{rel}", os.path.join(local, rel))
+                _fault_kill(step, i)
+            self.storage.put_text(f"{tag}/_ranks/{self.rank:05d}.json", json.dumps({"files": files}))
+        except Exception as e:  # keep going to the collective so other ranks do not hang
+            ok, err = 0, e
+        if not _all_ok(ok):
+            raise RuntimeError(f"checkpoint {tag}: upload failed on some rank; `latest` left unchanged") from err
+        if self.rank == 0:
+            markers = [k for k in self.storage.list(f"{tag}/_ranks/") if k.endswith(".json")]
+            if len(markers) != self.world_size:
+                raise RuntimeError(f"checkpoint {tag}: {len(markers)} of {self.world_size} rank markers present")
+            info = dict(meta or {}, step=step, tag=tag, world_size=self.world_size, time=time.time())
+            self.storage.put_text(f"{tag}/{COMPLETE}", json.dumps(info))
+            self.storage.put_text(LATEST, tag)  # the commit point
+            self._retention(tag)
+        _barrier()
+        shutil.rmtree(local, ignore_errors=True)
+        return tag
+
+    def _tags(self) -> list[str]:
+        tags = {k.split("/", 1)[0] for k in self.storage.list("step_")}
+        return sorted(t for t in tags if t.startswith("step_") and t[5:].isdigit())
+
+    def _retention(self, latest: str) -> None:
+        tags = self._tags()
+        complete = [t for t in tags if self.storage.exists(f"{t}/{COMPLETE}")]
+        keep = set(complete[-self.keep_last:]) | {latest}
+        if self.keep_every:
+            keep |= {t for t in complete if step_of(t) % self.keep_every == 0}
+        for t in tags:
+            # Incomplete tags newer than `latest` may belong to nothing yet; older ones are dead leftovers.
+            if t not in keep and (t in complete or step_of(t) < step_of(latest)):
+                for k in self.storage.list(f"{t}/"):
+                    self.storage.delete(k)
+
+    # -- load ----------------------------------------------------------------------------------------------
+    def latest_tag(self) -> str | None:
+        if not self.storage.exists(LATEST):
+            return None
+        tag = self.storage.get_text(LATEST).strip()
+        if not self.storage.exists(f"{tag}/{COMPLETE}"):
+            raise RuntimeError(f"`latest` in {self.url} points at {tag}, which is not a complete checkpoint")
+        return tag
+
+    def complete_tags(self) -> list[str]:
+        return [t for t in self._tags() if self.storage.exists(f"{t}/{COMPLETE}")]
+
+    def download(self, tag: str, dest: str | None = None, only: Callable[[str], bool] | None = None) -> str:
+        """Fetch tag's files into dest/tag (default: this rank's staging/restore). Returns dest."""
+        dest = dest or os.path.join(self.staging, "restore")
+        shutil.rmtree(os.path.join(dest, tag), ignore_errors=True)
+        for key in self.storage.list(f"{tag}/"):
+            rel = key[len(tag) + 1:]
+            if rel.startswith("_ranks/") or rel == COMPLETE or (only is not None and not only(rel)):
+                continue
+            path = os.path.join(dest, tag, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.storage.get_file(key, path)
+        return dest
+
+    def read_meta(self, tag: str) -> dict:
+        return json.loads(self.storage.get_text(f"{tag}/{COMPLETE}"))
+
+
+def _all_ok(ok: int) -> bool:
+    if dist.is_initialized():
+        import torch
+
+        t = torch.tensor([ok], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+    return bool(ok)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

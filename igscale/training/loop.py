@@ -1,0 +1,185 @@
+"""Trainer: data -> step -> EMA -> metrics -> samples -> checkpoints, with resume, preemption and NaN limits.
+
+The trainer is handed its adapters (engine, loader, checkpointer, metrics sink) by the CLI and never builds them.
+Exit codes (docs/training.md): 0 finished, 75 preempted after a checkpoint (requeue), 3 stopped after too many
+non-finite losses (checkpointed; do not requeue blindly).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+
+from igscale.config.schema import RunConfig
+from igscale.config.typed import to_dict
+from igscale.training.ema import EMA
+from igscale.training.lr_schedule import lr_at
+from igscale.training.rng import seed_global
+from igscale.training.state import TrainState
+from igscale.training.step import train_step
+
+__all__ = ["Trainer", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_NONFINITE", "total_steps_for"]
+
+EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE = 0, 75, 3
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def total_steps_for(cfg: RunConfig, num_samples: int | None) -> int:
+    if cfg.train.total_steps:
+        return cfg.train.total_steps
+    if cfg.train.epochs and num_samples:
+        return math.ceil(cfg.train.epochs * num_samples / cfg.train.global_batch)
+    raise ValueError("set train.total_steps, or train.epochs with a manifest that reports its sample count")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, engine, loader, checkpointer, metrics, *, rank: int, world_size: int,
+                 device: torch.device, num_samples: int | None = None, sampler=None, log=print):
+        self.cfg, self.engine, self.loader, self.ckpt, self.metrics = cfg, engine, loader, checkpointer, metrics
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_samples = num_samples
+        self.total_steps = total_steps_for(cfg, num_samples)
+        self.sampler = sampler  # callable(ema_state_dict) -> {tag: image}; rank 0 only
+        self.log = log if rank == 0 else (lambda *a, **k: None)
+        self.state = TrainState()
+        self.ema = EMA(engine.param_views(), cfg.train.ema_decay)
+        self._signal: int | None = None
+        self._data = None
+        self.losses: list[tuple[int, float]] = []
+
+    # -- signals -------------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._signal = signum  # acted on after the current step, agreed on by all ranks
+
+        for s in PREEMPT_SIGNALS:
+            signal.signal(s, handler)
+
+    # -- checkpoint contents -------------------------------------------------------------------------------
+    def _ema_owner(self) -> bool:
+        # Below ZeRO-3 every rank holds the same full EMA, so rank 0 alone writes it.
+        return self.engine.zero_stage == 3 or self.rank == 0
+
+    def _write(self, staging: str, tag: str) -> None:
+        self.engine.save(staging, tag)
+        d = os.path.join(staging, tag)
+        os.makedirs(d, exist_ok=True)
+        torch.save({"state": self.state.state_dict(), "loader": self.loader.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, os.path.join(d, f"trainer_rank{self.rank:05d}.pt"))
+        if self._ema_owner():
+            meta = {n: (list(p.ds_shape), int(p.ds_numel)) for n, p in self.engine.module.named_parameters()
+                    if hasattr(p, "ds_shape")}
+            torch.save({"ema": self.ema.state_dict(), "zero3_shapes": meta, "zero_stage": self.engine.zero_stage,
+                        "world_size": self.world_size}, os.path.join(d, f"ema_rank{self.rank:05d}.pt"))
+        if self.rank == 0:
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(to_dict(self.cfg), f, indent=1)
+            with open(os.path.join(d, "model_config.json"), "w") as f:
+                json.dump(to_dict(self.engine.module.config), f, indent=1)
+
+    def save(self) -> str:
+        t0 = time.time()
+        tag = self.ckpt.save(self.state.step, self._write, meta={"nimg": self.state.nimg})
+        self.log(f"checkpoint {tag} saved to {self.ckpt.url} in {time.time() - t0:.1f}s")
+        return tag
+
+    def resume(self) -> bool:
+        tag = self.ckpt.latest_tag() if self.cfg.checkpoint.resume else None
+        if tag is None:
+            return False
+        local = self.ckpt.download(tag)
+        self.engine.load(local, tag)
+        d = os.path.join(local, tag)
+        tr = torch.load(os.path.join(d, f"trainer_rank{self.rank:05d}.pt"), weights_only=False)
+        self.state.load_state_dict(tr["state"])
+        self.loader.load_state_dict(tr["loader"])
+        torch.set_rng_state(tr["torch_rng"])
+        ema_rank = self.rank if self.engine.zero_stage == 3 else 0
+        self.ema.load_state_dict(torch.load(os.path.join(d, f"ema_rank{ema_rank:05d}.pt"), weights_only=False)["ema"])
+        self.log(f"resumed from {self.ckpt.url}/{tag} at step {self.state.step} ({self.state.nimg} images)")
+        return True
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def _next_batches(self) -> list[dict]:
+        out = []
+        while len(out) < self.cfg.engine.grad_accum:
+            if self._data is None:
+                self._data = iter(self.loader)
+            try:
+                out.append(next(self._data))
+            except StopIteration:  # end of an epoch: the loader starts the next one
+                self._data = None
+        return out
+
+    # -- EMA export ----------------------------------------------------------------------------------------
+    def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: full model state dict with EMA weights in place of the trainable parameters (fp32, CPU)."""
+        sd = self.engine.full_state_dict()
+        sd.update({k: v.cpu() for k, v in self.ema.full_state_dict(self.engine.gather_shard).items()})
+        return sd
+
+    def _samples(self) -> None:
+        sd = self.ema_full_state_dict()
+        if self.rank == 0 and self.sampler is not None:
+            for tag, img in self.sampler(sd).items():
+                self.metrics.image(self.state.step, tag, img)
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, st = self.cfg, self.state
+        self.resume()
+        log_every, t_last, wait, n_last = cfg.logging.every_steps, time.time(), 0.0, st.step
+        while st.step < self.total_steps:
+            step = st.step
+            self.engine.set_lr_factor(lr_at(step, 1.0, cfg.optim.warmup_steps))
+            seed_global(cfg.train.seed, self.rank, step)
+            t0 = time.time()
+            batches = self._next_batches()
+            wait += time.time() - t0
+            res = train_step(self.engine, batches, cfg, rank=self.rank, world_size=self.world_size, step=step,
+                             device=self.device, stop_flag=self._signal is not None)
+            applied = not (res.skipped and cfg.engine.grad_accum == 1)
+            if applied:
+                self.ema.update(self.engine.param_views())
+            st.step += 1
+            st.nimg += cfg.train.global_batch
+            if res.skipped:
+                st.nonfinite += 1
+                self.log(f"step {step}: non-finite loss on some rank, step skipped ({st.nonfinite} so far)")
+            else:
+                self.losses.append((st.step, res.loss))
+            if st.step % log_every == 0 or st.step == self.total_steps:
+                dt = time.time() - t_last
+                self._log(res, (st.step - n_last) * cfg.train.global_batch / max(dt, 1e-9), wait / max(dt, 1e-9))
+                t_last, wait, n_last = time.time(), 0.0, st.step
+            if cfg.sample.every_steps and st.step % cfg.sample.every_steps == 0:
+                self._samples()
+            if st.nonfinite > cfg.train.max_nonfinite:
+                self.save()
+                self.log(f"stopping: {st.nonfinite} non-finite losses exceed train.max_nonfinite="
+                         f"{cfg.train.max_nonfinite}; checkpoint saved at step {st.step}. Lower the LR, check the "
+                         f"data, or resume from an earlier checkpoint (exit {EXIT_NONFINITE})")
+                return EXIT_NONFINITE
+            if res.stop_requested:
+                self.save()
+                self.log(f"preempted: checkpoint saved at step {st.step}; exiting with {EXIT_PREEMPTED} (requeue)")
+                return EXIT_PREEMPTED
+            if st.step % cfg.checkpoint.every_steps == 0 and st.step < self.total_steps:
+                self.save()
+        if self.ckpt.latest_tag() != f"step_{st.step:09d}":
+            self.save()
+        self.metrics.flush()
+        return EXIT_OK
+
+    def _log(self, res, img_per_s: float, wait_frac: float) -> None:
+        self.metrics.log_step(self.state.step, self.total_steps, {
+            "train/loss": res.loss, "train/loss_main": res.main, "train/loss_aux": res.aux, "train/loss_cos": res.cos,
+            "train/grad_norm": self.engine.grad_norm(), "train/lr": self.engine.lr(),
+            "train/nonfinite_skipped": self.state.nonfinite, "perf/img_per_s": img_per_s,
+            "perf/data_wait_frac": wait_frac, "progress/images": self.state.nimg,
+            "progress/epoch": self.state.nimg / self.num_samples if self.num_samples else 0.0,
+        })
