@@ -1,0 +1,431 @@
+"""One small storage layer for datasets, checkpoints and evaluation outputs: local paths and `s3://bucket/prefix`.
+
+`open_storage(url)` picks the backend from the URL scheme. Keys are '/'-separated and relative to the prefix.
+
+Atomicity: local writes go to a temp file in the target folder and are `os.replace`d into place. S3 writes
+are atomic by protocol: an object becomes visible only when its PUT (or CompleteMultipartUpload) succeeds, and
+a failed multipart upload is aborted, so a reader never sees a partial object. Datasets additionally write
+their manifest last, so a half-written dataset is never mistaken for a complete one.
+
+boto3 is imported lazily so that model code and local runs never need it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+__all__ = ["StorageError", "Storage", "LocalStorage", "S3Storage", "open_storage", "split_url", "is_s3_url"]
+
+T = TypeVar("T")
+
+# S3 error codes that mean "try again later" rather than "you asked for something wrong".
+_RETRY_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout",
+}
+
+
+class StorageError(RuntimeError):
+    """A storage problem the user must fix (missing credentials, missing bucket, missing key...)."""
+
+
+def is_s3_url(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Storage:
+    """Common interface. Subclasses implement the primitive operations."""
+
+    def join(self, *parts: str) -> str:
+        return _join(*parts)
+
+    def url(self, key: str = "") -> str:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise StorageError now if the destination cannot be used (before any expensive work starts)."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    def open_read(self, key: str) -> IO[bytes]:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put_bytes(key, text.encode("utf-8"))
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def url(self, key: str = "") -> str:
+        return str(self._path(key))
+
+    def check(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"{self.root} exists and is not a directory")
+
+    def _atomic_write(self, key: str, write: Callable[[IO[bytes]], None]) -> None:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
+        with open(local_path, "rb") as src:
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, 8 << 20))
+
+    def _existing(self, key: str) -> Path:
+        p = self._path(key)
+        if not p.is_file():
+            raise FileNotFoundError(f"no such object: {p}")
+        return p
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._existing(key).read_bytes()
+
+    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
+        src = self._existing(key)
+        LocalStorage(Path(local_path).absolute().parent).put_file(Path(local_path).name, src)
+
+    def open_read(self, key: str) -> IO[bytes]:
+        return open(self._existing(key), "rb")
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._existing(key).stat().st_size
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for dirpath, _, files in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for f in files:
+                key = f if rel == "." else f"{rel}/{f}"
+                if key.startswith(prefix) and not (f.startswith(".") and f.endswith(".tmp")):
+                    out.append(key)
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _is_retryable(exc: BaseException) -> bool:
+    import botocore.exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+        return err.get("Code") in _RETRY_CODES or status >= 500 or status == 429
+    return isinstance(
+        exc,
+        (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError, bex.ConnectTimeoutError,
+         bex.ResponseStreamingError, bex.IncompleteReadError, ConnectionError, TimeoutError),
+    )
+
+
+def _status(exc: BaseException) -> int:
+    resp = getattr(exc, "response", None) or {}
+    return resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+
+
+def _code(exc: BaseException) -> str:
+    resp = getattr(exc, "response", None) or {}
+    return str(resp.get("Error", {}).get("Code", ""))
+
+
+class S3Storage(Storage):
+    """S3 (or any S3-compatible server) under `s3://bucket/prefix`.
+
+    Retries happen at two levels: botocore's own retry mode (per HTTP request) and `_retry` around each
+    whole operation (also covering streamed bodies and multipart transfers), with exponential backoff + jitter.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 max_attempts: int = 6, base_delay: float = 0.2, max_delay: float = 10.0, request_attempts: int = 4,
+                 multipart_threshold: int = 64 << 20, multipart_chunksize: int = 16 << 20):
+        if not bucket:
+            raise StorageError("S3 URL has no bucket (expected s3://bucket/prefix)")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+                             or os.environ.get("S3_ENDPOINT_URL") or None)
+        self.max_attempts, self.base_delay, self.max_delay = max_attempts, base_delay, max_delay
+        self.request_attempts = request_attempts
+        self.multipart_threshold, self.multipart_chunksize = multipart_threshold, multipart_chunksize
+        self._client = None
+        self._client_pid = None
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.url()!r}, endpoint_url={self.endpoint_url!r})"
+
+    def __getstate__(self) -> dict:
+        # Clients are not picklable and must not be shared across fork(); rebuild lazily in the new process.
+        return {**self.__dict__, "_client": None, "_client_pid": None}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None or self._client_pid != os.getpid():
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(
+                retries={"max_attempts": self.request_attempts, "mode": "standard"},
+                connect_timeout=10, read_timeout=60, max_pool_connections=32,
+                s3={"addressing_style": "path"} if self.endpoint_url else None,
+            )
+            session = boto3.session.Session()
+            region = session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region, config=cfg)
+            self._client_pid = os.getpid()
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def url(self, key: str = "") -> str:
+        k = self._key(key)
+        return f"s3://{self.bucket}/{k}" if k else f"s3://{self.bucket}"
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        for attempt in range(self.max_attempts):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not _is_retryable(e) or attempt == self.max_attempts - 1:
+                    raise
+                delay = min(self.max_delay, self.base_delay * 2**attempt) * (0.5 + random.random())
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def check(self) -> None:
+        import boto3
+        import botocore.exceptions as bex
+
+        if boto3.session.Session().get_credentials() is None:
+            raise StorageError(
+                f"no AWS credentials found for {self.url()}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE / a credentials file)")
+        try:
+            self._retry(lambda: self.client.head_bucket(Bucket=self.bucket), "head_bucket")
+        except bex.ClientError as e:
+            st = _status(e)
+            if st == 404 or _code(e) in ("NoSuchBucket", "404"):
+                raise StorageError(f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}") from e
+            if st in (401, 403):
+                raise StorageError(
+                    f"access to bucket {self.bucket!r} denied at {self.endpoint_url or 'AWS'} "
+                    f"(wrong credentials or no permission): {e}") from e
+            raise StorageError(f"cannot access {self.url()}: {e}") from e
+        except (bex.EndpointConnectionError, ConnectionError) as e:
+            raise StorageError(f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'}: {e}") from e
+
+    def _not_found(self, e: BaseException, key: str) -> BaseException:
+        if _status(e) == 404 or _code(e) in ("NoSuchKey", "404", "NotFound"):
+            return FileNotFoundError(f"no such object: {self.url(key)}")
+        return e
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold,
+                              multipart_chunksize=self.multipart_chunksize, max_concurrency=4)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        if len(data) >= self.multipart_threshold:
+            self._retry(lambda: self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
+                                                           Config=self._transfer_config()), "upload")
+        else:
+            self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data), "put")
+
+    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
+        # upload_file switches to multipart above the threshold and aborts the upload on failure.
+        self._retry(lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key),
+                                                    Config=self._transfer_config()), "upload_file")
+
+    def get_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+        try:
+            return self._retry(get, "get")
+        except Exception as e:
+            raise self._not_found(e, key) from e
+
+    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
+        dst = Path(local_path).absolute()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        os.close(fd)
+        try:
+            self._retry(lambda: self.client.download_file(self.bucket, self._key(key), tmp,
+                                                          Config=self._transfer_config()), "download")
+            os.replace(tmp, dst)
+        except Exception as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise self._not_found(e, key) from e
+
+    def open_read(self, key: str) -> IO[bytes]:
+        """A buffered binary stream that resumes with a ranged GET if the connection drops mid-object."""
+        raw = _S3RangeResumingReader(self, self._key(key))
+        try:
+            raw.open_at(0)
+        except Exception as e:
+            raise self._not_found(e, key) from e
+        return io.BufferedReader(raw, buffer_size=1 << 20)
+
+    def _head(self, key: str) -> dict:
+        try:
+            return self._retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), "head")
+        except Exception as e:
+            raise self._not_found(e, key) from e
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._key("")
+        full = _join(base, prefix) if prefix else (base + "/" if base else "")
+        if prefix.endswith("/"):
+            full += "/"
+
+        def run() -> list[str]:
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    k = obj["Key"]
+                    out.append(k[len(base) + 1:] if base else k)
+            return out
+
+        return sorted(self._retry(run, "list"))
+
+    def delete(self, key: str) -> None:
+        self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)), "delete")
+
+
+class _S3RangeResumingReader(io.RawIOBase):
+    """Raw stream over one S3 object. A connection reset mid-body re-opens at the current offset (Range GET)."""
+
+    def __init__(self, storage: S3Storage, full_key: str):
+        self.s, self.key, self.pos, self.body, self.length = storage, full_key, 0, None, None
+
+    def open_at(self, pos: int) -> None:
+        kw = {"Range": f"bytes={pos}-"} if pos else {}
+        resp = self.s._retry(lambda: self.s.client.get_object(Bucket=self.s.bucket, Key=self.key, **kw), "get")
+        if self.length is None:
+            self.length = int(resp["ContentLength"])
+        self.body, self.pos = resp["Body"], pos
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.length is not None and self.pos >= self.length:
+            return 0
+        for attempt in range(self.s.max_attempts):
+            try:
+                chunk = self.body.read(len(b))
+                break
+            except Exception as e:  # noqa: BLE001
+                if not _is_retryable(e) or attempt == self.s.max_attempts - 1:
+                    raise
+                time.sleep(min(self.s.max_delay, self.s.base_delay * 2**attempt))
+                self.open_at(self.pos)
+        n = len(chunk)
+        if n == 0 and self.pos < (self.length or 0):
+            raise ConnectionError(f"s3://{self.s.bucket}/{self.key}: stream ended at {self.pos} of {self.length}")
+        b[:n] = chunk
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+        super().close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+def open_storage(url: str | os.PathLike, *, endpoint_url: str | None = None) -> Storage:
+    """`s3://bucket/prefix` -> S3Storage; `file:///path` or a plain path -> LocalStorage."""
+    url = os.fspath(url)
+    if is_s3_url(url):
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        return S3Storage(bucket, prefix, endpoint_url=endpoint_url)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url:
+        raise StorageError(f"unsupported storage URL scheme in {url!r} (use s3://bucket/prefix or a local path)")
+    return LocalStorage(url)
+
+
+def split_url(url: str, *, endpoint_url: str | None = None) -> tuple[Storage, str]:
+    """Split an object URL into (storage of its parent folder, basename key)."""
+    url = os.fspath(url)
+    head, _, name = url.rstrip("/").rpartition("/")
+    if not name or (is_s3_url(url) and head == "s3:/"):
+        raise StorageError(f"{url!r} does not name an object")
+    return open_storage(head or ".", endpoint_url=endpoint_url), name
