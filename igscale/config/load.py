@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
 import yaml
@@ -18,6 +19,21 @@ from igscale.config.schema import RunConfig
 from igscale.config.typed import ConfigError, from_dict, to_dict
 
 __all__ = ["load_config", "config_from_dict", "parse_overrides", "save_config", "config_to_yaml"]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`, and silently gives a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -34,7 +50,7 @@ def _read_yaml(path: str, _depth: int = 0) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = _yaml(f.read()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -57,7 +73,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key segment")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
         node = out
