@@ -1,0 +1,201 @@
+"""Chunked, resumable, world-size-invariant generation of evaluation samples.
+
+Sample i has seed `seed + i`. Its initial noise (stream 0), label (stream 1, random protocol) and SDE increments
+(the sampler's stream) all derive from that seed alone, so the images do not depend on how samples are batched or
+spread over ranks. Work is cut into fixed chunks of `chunk_size` consecutive samples; chunk k belongs to rank
+k % world_size. A finished chunk is one atomic object `chunks/chunk_<k>.npz` (local folder or S3), so a rerun of the
+same job skips it and regenerates only what is missing. Rank 0 then streams the chunks, in index order, into the
+ADM-format `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) and writes `samples.json` with every setting.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from igscale.config.typed import to_dict
+from igscale.diffusion.guidance import GuidanceConfig
+from igscale.diffusion.noise import per_sample_randn
+from igscale.diffusion.samplers import SamplerConfig, sample
+from igscale.distributed.env import DistEnv, barrier
+from igscale.eval.labels import make_labels
+from igscale.eval.npz import write_npz_streaming
+from igscale.io.storage import Storage, is_s3_url, open_storage
+
+__all__ = ["GenerationConfig", "chunk_key", "generate", "assemble", "latents_to_uint8", "JOB_FILE", "SAMPLES_NPZ"]
+
+JOB_FILE, SAMPLES_NPZ, SAMPLES_JSON = "job.json", "samples.npz", "samples.json"
+NOISE_STREAM = 0
+
+
+@dataclass
+class GenerationConfig:
+    num_samples: int = 50_000
+    seed: int = 0
+    """Sample i uses seed + i."""
+    labels: Literal["random", "balanced"] = "random"
+    chunk_size: int = 1000
+    """Samples per resumable unit (fixed per job; changing it needs a new output folder)."""
+    batch_size: int = 64
+    """Per-rank batch; does not change the images."""
+
+    def __post_init__(self):
+        for k in ("num_samples", "chunk_size", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_size)
+
+    def chunk_range(self, k: int) -> tuple[int, int]:
+        return k * self.chunk_size, min((k + 1) * self.chunk_size, self.num_samples)
+
+
+def chunk_key(k: int) -> str:
+    return f"chunks/chunk_{k:06d}.npz"
+
+
+def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Identity 'decode' for latent-space runs: (B, C, H, W) in ~[-1, 1] -> uint8 NHWC, VA-VAE rounding."""
+    return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _job_identity(cfg: GenerationConfig, settings: dict) -> dict:
+    # Everything that changes the pixels. batch_size and world size are deliberately absent.
+    return {"num_samples": cfg.num_samples, "seed": cfg.seed, "labels": cfg.labels, "chunk_size": cfg.chunk_size,
+            **settings}
+
+
+def _check_job(store: Storage, ident: dict, env: DistEnv) -> None:
+    """Rank 0 records the job identity; a rerun into the same folder must match it (no mixed chunks)."""
+    if env.is_main:
+        if store.exists(JOB_FILE):
+            old = json.loads(store.get_text(JOB_FILE))
+            if old != ident:
+                diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+                raise ValueError(
+                    f"{store.url()} holds chunks of a different job (settings differ in {diff}); "
+                    "use a new output folder or delete the old one"
+                )
+        else:
+            store.put_text(JOB_FILE, json.dumps(ident, indent=2, sort_keys=True))
+    barrier()
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    decode: Callable[[torch.Tensor], np.ndarray],
+    cfg: GenerationConfig,
+    sampler: SamplerConfig,
+    guidance: GuidanceConfig,
+    out_url: str,
+    env: DistEnv,
+    *,
+    settings: dict,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """Generate this rank's missing chunks into `out_url`. Returns the chunk ids written by this call.
+
+    settings: JSON-able description of model / decoder / quantisation; stored and checked against reruns.
+    """
+    mc = model.config
+    latent_shape = (mc.in_channels, mc.input_size, mc.input_size)
+    store = open_storage(out_url)
+    store.check()
+    labels = make_labels(cfg.num_samples, mc.num_classes, cfg.labels, cfg.seed)  # validates N first
+    ident = _job_identity(cfg, {**settings, "sampler": to_dict(sampler), "guidance": to_dict(guidance)})
+    _check_job(store, ident, env)
+    mine = [k for k in range(cfg.num_chunks()) if k % env.world_size == env.rank]
+    todo = [k for k in mine if not store.exists(chunk_key(k))]
+    if len(todo) < len(mine):
+        log(f"[rank {env.rank}] resuming: {len(mine) - len(todo)} of {len(mine)} chunks already done")
+    model = model.to(device).eval()
+    written = []
+    total = sum(cfg.chunk_range(k)[1] - cfg.chunk_range(k)[0] for k in todo)
+    bar = tqdm(total=total, desc=f"sample r{env.rank}", unit="img", disable=not env.is_main, dynamic_ncols=True)
+    t_start, n_done = time.perf_counter(), 0
+    for k in todo:
+        lo, hi = cfg.chunk_range(k)
+        images = []
+        for s in range(lo, hi, cfg.batch_size):
+            e = min(s + cfg.batch_size, hi)
+            seeds = list(range(cfg.seed + s, cfg.seed + e))
+            noise = per_sample_randn(seeds, latent_shape, stream=NOISE_STREAM, device=device)  # (b, C, H, W)
+            y = torch.as_tensor(labels[s:e], device=device)
+            lat = sample(model, noise, y, sampler, guidance, null_class=mc.num_classes, seeds=seeds)
+            images.append(decode(lat))
+            bar.update(e - s)
+        buf = io.BytesIO()
+        np.savez(buf, arr_0=np.concatenate(images), labels=labels[lo:hi], indices=np.arange(lo, hi))
+        store.put_bytes(chunk_key(k), buf.getvalue())  # atomic: the chunk exists completely or not at all
+        written.append(k)
+        n_done += hi - lo
+        log(f"[rank {env.rank}] chunk {k} written ({n_done / (time.perf_counter() - t_start):.2f} img/s)")
+    bar.close()
+    return written
+
+
+def assemble(out_url: str, cfg: GenerationConfig, meta: dict, log: Callable[[str], None] = print) -> str:
+    """Stream all chunks in index order into samples.npz (+ samples.json). Returns the npz URL/path."""
+    store = open_storage(out_url)
+    missing = [k for k in range(cfg.num_chunks()) if not store.exists(chunk_key(k))]
+    if missing:
+        raise RuntimeError(f"cannot assemble {store.url()}: chunks {missing[:10]} are missing; rerun the sampling job")
+
+    def load(k):
+        with np.load(io.BytesIO(store.get_bytes(chunk_key(k)))) as z:
+            lo, hi = cfg.chunk_range(k)
+            if not np.array_equal(z["indices"], np.arange(lo, hi)):
+                raise RuntimeError(f"{store.url(chunk_key(k))} holds samples {z['indices'][:3]}..., expected {lo}..")
+            return z["arr_0"], z["labels"]
+
+    first, _ = load(0)
+    shape = (cfg.num_samples, *first.shape[1:])
+    all_labels = np.empty(cfg.num_samples, np.int64)
+
+    def chunks():
+        for k in tqdm(range(cfg.num_chunks()), desc="assemble", unit="chunk"):
+            imgs, labs = load(k)
+            lo, hi = cfg.chunk_range(k)
+            all_labels[lo:hi] = labs
+            yield imgs
+
+    local_dir = None if not is_s3_url(out_url) else tempfile.mkdtemp()
+    path = os.path.join(local_dir or out_url.removeprefix("file://"), SAMPLES_NPZ)
+    # labels are filled while streaming, so they are written as a second zip entry afterwards
+    write_npz_streaming(path + ".img", "arr_0", shape, np.uint8, chunks())
+    _append_array(path + ".img", "arr_1", all_labels)
+    os.replace(path + ".img", path)
+    meta = {**meta, "num_samples": cfg.num_samples, "arr_0_shape": list(shape),
+            "label_counts_min_max": [int(np.bincount(all_labels).min()), int(np.bincount(all_labels).max())]}
+    if local_dir:
+        store.put_file(SAMPLES_NPZ, path)
+        os.remove(path)
+        os.rmdir(local_dir)
+    store.put_text(SAMPLES_JSON, json.dumps(meta, indent=2, sort_keys=True))
+    log(f"wrote {store.url(SAMPLES_NPZ)} {shape} and {SAMPLES_JSON}")
+    return store.url(SAMPLES_NPZ)
+
+
+def _append_array(npz_path: str, key: str, arr: np.ndarray) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(npz_path, "a", allowZip64=True) as zf, zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, arr, allow_pickle=False)
+
+
+def describe(cfg: GenerationConfig) -> dict:
+    return asdict(cfg)

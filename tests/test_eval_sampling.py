@@ -1,0 +1,177 @@
+"""Sampling job: identical images for any world size / batch size, exact resume after SIGKILL, S3 output.
+
+Runs the real `igscale sample` CLI (single process and torchrun with 2 gloo ranks) on a tiny random-weight export.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from igscale.diffusion.guidance import GuidanceConfig
+from igscale.diffusion.samplers import SamplerConfig
+from igscale.distributed.env import DistEnv
+from igscale.eval.export_io import load_export, save_export
+from igscale.eval.generate import GenerationConfig, chunk_key, generate
+from igscale.models import build_model
+
+N, CHUNK = 40, 4
+SAMPLER_ARGS = ["--method", "sde", "--num-steps", "12", "--w-cfg", "1.6", "--cfg-interval", "0", "0.7",
+                "--w-ig", "1.4", "--ig-interval", "0.1", "1"]
+
+
+def tiny_model(seed=0, num_classes=10):
+    torch.manual_seed(seed)
+    m = build_model("SiT-S/2", input_size=8, in_channels=3, hidden_size=64, depth=4, num_heads=2, ig_layers=(2,),
+                    num_classes=num_classes)
+    with torch.no_grad():  # non-zero heads and adaLN so every guidance term matters
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    save_export(tiny_model(), str(d))
+    return str(d)
+
+
+def _env(tmp):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    return env
+
+
+def _cmd(export, out, batch, nproc=1, extra=()):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return [*launcher, "-m", "igscale.cli.main", "sample", "--export", export, "--out", str(out),
+            "--num-samples", str(N), "--chunk-size", str(CHUNK), "--batch-size", str(batch), "--seed", "7",
+            *SAMPLER_ARGS, *extra]
+
+
+def _run(cmd, tmp):
+    r = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def _load(out):
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        return z["arr_0"], z["arr_1"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(export_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    _run(_cmd(export_dir, out, batch=4), out.parent)
+    return _load(str(out))
+
+
+@pytest.mark.slow
+def test_world_size_and_batch_invariance(export_dir, reference_run, tmp_path):
+    imgs, labels = reference_run
+    assert imgs.shape == (N, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (N,)
+    assert imgs.std() > 10 and len(np.unique(labels)) > 3  # not a degenerate output
+    _run(_cmd(export_dir, tmp_path / "w2", batch=3, nproc=2), tmp_path)
+    imgs2, labels2 = _load(str(tmp_path / "w2"))
+    np.testing.assert_array_equal(labels2, labels)
+    np.testing.assert_array_equal(imgs2, imgs)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(export_dir, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(export_dir, out, batch=2), env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    chunks = out / "chunks"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if chunks.is_dir() and any(p.suffix == ".npz" for p in chunks.iterdir()):
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in chunks.iterdir() if p.suffix == ".npz")
+    assert 0 < len(done_before) < N // CHUNK, done_before
+    assert not (out / "samples.npz").exists()
+    # rerun with another world size and batch size; only missing chunks may be generated
+    log = _run(_cmd(export_dir, out, batch=5, nproc=2), tmp_path)
+    rewritten = {f"chunk_{int(line.split('chunk ')[1].split()[0]):06d}.npz"
+                 for line in log.splitlines() if "] chunk " in line and "written" in line}
+    assert rewritten.isdisjoint(done_before)
+    assert sorted(rewritten | set(done_before)) == [f"chunk_{k:06d}.npz" for k in range(N // CHUNK)]
+    imgs, labels = _load(str(out))
+    np.testing.assert_array_equal(labels, reference_run[1])
+    np.testing.assert_array_equal(imgs, reference_run[0])
+
+
+def _raw(lat):  # expose the float32 bits as uint8 "pixels" so nothing is hidden by quantisation
+    return lat.permute(0, 2, 3, 1).contiguous().numpy().view(np.uint8)
+
+
+def _raw_run(out, batch, envs, model):
+    sampler = SamplerConfig(method="heun", num_steps=4)
+    guidance = GuidanceConfig(w_cfg=2.0, cfg_interval=(0.3, 0.9), w_ig=1.5)
+    cfg = GenerationConfig(num_samples=12, seed=3, chunk_size=3, batch_size=batch, labels="random")
+    for env in envs:  # ranks run one after another here; their chunk sets are disjoint
+        generate(model, _raw, cfg, sampler, guidance, str(out), env, settings={}, log=lambda s: None)
+    return np.concatenate([np.load(os.path.join(out, chunk_key(k)))["arr_0"] for k in range(4)])
+
+
+def test_bitwise_latents_independent_of_world_size(tmp_path):
+    """At a fixed per-rank batch, the float32 latent bits do not depend on the world size."""
+    model = tiny_model(seed=1)
+    one = _raw_run(tmp_path / "w1", 2, [DistEnv()], model)
+    three = _raw_run(tmp_path / "w3", 2, [DistEnv(rank=r, world_size=3) for r in range(3)], model)
+    np.testing.assert_array_equal(one, three)
+
+
+@pytest.mark.xfail(strict=True, reason="CPU GEMM kernels give ~1 ulp row differences for different batch sizes "
+                   "(model forward, reported to the lead); uint8 images are still equal in the tests above")
+def test_bitwise_latents_independent_of_batch(tmp_path):
+    model = tiny_model(seed=1)
+    np.testing.assert_array_equal(_raw_run(tmp_path / "b1", 1, [DistEnv()], model),
+                                  _raw_run(tmp_path / "b3", 3, [DistEnv()], model))
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    model = tiny_model()
+    cfg = GenerationConfig(num_samples=2, chunk_size=2, batch_size=2)
+    out = str(tmp_path / "o")
+    s = SamplerConfig(method="euler", num_steps=2)
+    generate(model, lambda x: np.zeros((len(x), 1, 1, 3), np.uint8), cfg, s, GuidanceConfig(), out, DistEnv(),
+             settings={}, log=lambda m: None)
+    with pytest.raises(ValueError, match=r"different job .*guidance"):
+        generate(model, lambda x: x, cfg, s, GuidanceConfig(w_ig=2.0), out, DistEnv(), settings={})
+
+
+@pytest.mark.slow
+def test_export_and_samples_on_s3(s3_bucket, tmp_path, s3_server):
+    url = f"s3://{s3_bucket}/exp"
+    save_export(tiny_model(), url + "/export")
+    assert load_export(url + "/export").config.hidden_size == 64
+    env = {**_env(tmp_path), **s3_server.env}
+    cmd = [sys.executable, "-m", "igscale.cli.main", "sample", "--export", url + "/export", "--out", url + "/samples",
+           "--num-samples", "6", "--chunk-size", "4", "--batch-size", "4", "--method", "euler", "--num-steps", "3",
+           "--labels", "balanced"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: balanced labels need num_samples divisible" in r.stderr  # 6 % 10
+    cmd[cmd.index("6")] = "20"
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from igscale.io.storage import open_storage
+
+    store = open_storage(url + "/samples")
+    store.get_file("samples.npz", tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (20, 8, 8, 3)
+        np.testing.assert_array_equal(np.bincount(z["arr_1"]), np.full(10, 2))
+    assert '"label_protocol": "balanced"' in store.get_text("samples.json")
