@@ -7,4 +7,5 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest_plugins = [
     "tests.fixtures.s3server",
     "tests.fixtures.raycluster",
+    "tests.fixtures.slurm",
 ]
