@@ -1,0 +1,77 @@
+"""`igscale export --checkpoint URL [--tag step_...] --out DIR_OR_URL`: EMA weights of a checkpoint -> inference export.
+
+Reads only the EMA files and model_config.json of the checkpoint (no DeepSpeed, no optimizer state), reassembles
+ZeRO-3 EMA shards, and writes `model.safetensors` + `model_config.json` with igscale.eval.export_io.save_export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+__all__ = ["main", "ema_state_dict_from_checkpoint"]
+
+
+def _assemble(files: list[str]) -> dict[str, torch.Tensor]:
+    """EMA tensors by name from ema_rank*.pt files (one full copy below ZeRO-3; one flat shard per rank at 3)."""
+    parts = [torch.load(f, weights_only=False) for f in sorted(files)]
+    if parts[0]["zero_stage"] != 3:
+        return parts[0]["ema"]["shadow"]
+    if len(parts) != parts[0]["world_size"]:
+        raise ValueError(f"ZeRO-3 EMA needs {parts[0]['world_size']} rank shards, found {len(parts)}")
+    out = {}
+    for name, (shape, numel) in parts[0]["zero3_shapes"].items():
+        if name in parts[0]["ema"]["shadow"]:
+            flat = torch.cat([p["ema"]["shadow"][name] for p in parts])
+            out[name] = flat[:numel].view(shape).clone()
+    return out
+
+
+def ema_state_dict_from_checkpoint(ckpt_url: str, tag: str | None = None, endpoint_url: str | None = None):
+    """(model_config dict, full EMA model state dict) for checkpoint `tag` (default: latest)."""
+    from igscale.io.checkpoint import Checkpointer
+    from igscale.models import build_model_from_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = Checkpointer(ckpt_url, tmp, endpoint_url=endpoint_url)
+        tag = tag or ck.latest_tag()
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint under {ckpt_url}")
+        d = ck.download(tag, tmp, only=lambda rel: rel.startswith("ema_rank") or rel == "model_config.json")
+        with open(os.path.join(d, tag, "model_config.json")) as f:
+            model_config = json.load(f)
+        ema = _assemble([os.path.join(d, tag, n) for n in os.listdir(os.path.join(d, tag))
+                         if n.startswith("ema_rank")])
+    model = build_model_from_config(model_config)
+    sd = model.state_dict()  # frozen tensors (sin-cos pos_embed) are not in the EMA; they come from the model
+    missing = set(ema) - set(sd)
+    if missing:
+        raise ValueError(f"EMA has tensors the model lacks: {sorted(missing)[:5]}")
+    sd.update(ema)
+    return model_config, sd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="igscale export", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint URL (the run's checkpoint.url)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the `latest` pointer)")
+    p.add_argument("--out", required=True, help="export folder or s3:// prefix")
+    p.add_argument("--endpoint-url", default=None)
+    a = p.parse_args(argv)
+    from igscale.eval.export_io import save_export
+    from igscale.models import build_model_from_config
+
+    cfg, sd = ema_state_dict_from_checkpoint(a.checkpoint, a.tag, a.endpoint_url)
+    model = build_model_from_config(cfg)
+    model.load_state_dict(sd)
+    save_export(model, a.out)
+    print(f"exported EMA weights of {a.checkpoint} ({a.tag or 'latest'}) to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
