@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from igscale.eval.fid import compute_stats, frechet_distance
+from igscale.eval.fid import compute_stats, frechet_distance, frechet_distance_to_features
 from igscale.eval.metrics import inception_score, manifold_radii, precision_recall
 
 
@@ -52,6 +52,28 @@ def test_fid_general_matches_ttur_sqrtm():
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
     assert _rel(frechet_distance(mu1, s1, mu2, s2), ref) < 1e-6
+
+
+def test_fid_low_rank_features_route():
+    rng = np.random.default_rng(6)
+    d, n = 300, 40
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.2 + 1.0
+    a = rng.normal(size=(d, d))
+    s_ref, mu_ref = a @ a.T / d + 0.1 * np.eye(d), rng.normal(size=d)
+    # independent formula: tr sqrt(S_ref S_x) = nuclear norm of S_ref^(1/2) B, with S_x = B B^T
+    st = compute_stats(x)
+    b = (x - st.mu).T / np.sqrt(n - 1)
+    root = np.real(scipy.linalg.sqrtm(s_ref))
+    tr = np.linalg.svd(root @ b, compute_uv=False).sum()
+    want = (st.mu - mu_ref) @ (st.mu - mu_ref) + np.trace(s_ref) + np.trace(st.sigma) - 2 * tr
+    assert _rel(frechet_distance_to_features(x, mu_ref, s_ref), want) < 1e-6
+    # a rank-deficient set against its own statistics is at distance ~0
+    assert abs(frechet_distance_to_features(x, st.mu, st.sigma)) < 1e-9 * np.trace(st.sigma)
+    # n > d falls back to the dense route
+    y = rng.normal(size=(50, 20))
+    sy = compute_stats(y)
+    assert frechet_distance_to_features(y, np.zeros(20), np.eye(20)) == frechet_distance(sy.mu, sy.sigma, np.zeros(20),
+                                                                                          np.eye(20))
 
 
 def test_stats_and_bad_input():

@@ -4,6 +4,10 @@ FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
 tr((S1 S2)^{1/2}) is computed as the sum of sqrt(eigvals(A S2 A)) with A = S1^{1/2}: A S2 A is symmetric PSD and
 similar to S1 S2, so this avoids the non-symmetric `scipy.linalg.sqrtm` (and its complex round-off) used by
 the ADM/TTUR code while being mathematically identical for covariance matrices.
+
+When one side is given as n <= D features (small sweeps, tests), S2 = B B^T with B = (X - mu)^T / sqrt(n-1), and
+the non-zero eigenvalues of S1 S2 are those of the small n x n matrix B^T S1 B: exact, cheap, and free of the
+sqrt(round-off) error that rank-deficient covariances cause in the dense route.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GaussianStats", "compute_stats", "frechet_distance"]
+__all__ = ["GaussianStats", "compute_stats", "frechet_distance", "frechet_distance_to_features"]
 
 
 @dataclass
@@ -51,3 +55,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def frechet_distance_to_features(features: np.ndarray, mu_ref, sigma_ref) -> float:
+    """Fréchet distance between the Gaussian fitted to (N, D) `features` (np.cov definition) and N(mu_ref, sigma_ref).
+
+    Uses the n x n low-rank route when N - 1 < D, the dense D x D route otherwise.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    st = compute_stats(x)
+    n, d = x.shape
+    mu_ref = np.atleast_1d(np.asarray(mu_ref, np.float64))
+    s_ref = np.atleast_2d(np.asarray(sigma_ref, np.float64))
+    if n - 1 >= d:
+        return frechet_distance(st.mu, st.sigma, mu_ref, s_ref)
+    if mu_ref.shape != (d,) or s_ref.shape != (d, d):
+        raise ValueError(f"statistics do not match: features have D={d}, reference mu {mu_ref.shape} sigma {s_ref.shape}")
+    s_ref = (s_ref + s_ref.T) / 2
+    b = (x - st.mu).T / np.sqrt(n - 1)  # (D, n), sigma = b b^T
+    m = b.T @ s_ref @ b  # (n, n), shares the non-zero spectrum of sigma_ref @ sigma
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    diff = st.mu - mu_ref
+    return float(diff @ diff + np.trace(s_ref) + (b * b).sum() - 2.0 * np.sqrt(np.clip(eig, 0.0, None)).sum())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from igscale.eval.fid import GaussianStats, compute_stats, frechet_distance
+from igscale.eval.fid import GaussianStats, frechet_distance_to_features
 
 __all__ = ["inception_score", "manifold_radii", "precision_recall", "compute_all_metrics"]
 
@@ -87,12 +87,10 @@ def compute_all_metrics(
     is_split: int = 5000,
 ) -> dict[str, float]:
     """FID, sFID, IS, precision, recall of a sample set against a reference batch (ADM evaluator protocol)."""
-    s = compute_stats(sample_pool)
-    ss = compute_stats(sample_spatial)
     prec, rec = precision_recall(ref_pool, sample_pool)
     return {
-        "fid": frechet_distance(s.mu, s.sigma, ref_stats.mu, ref_stats.sigma),
-        "sfid": frechet_distance(ss.mu, ss.sigma, ref_stats_spatial.mu, ref_stats_spatial.sigma),
+        "fid": frechet_distance_to_features(sample_pool, ref_stats.mu, ref_stats.sigma),
+        "sfid": frechet_distance_to_features(sample_spatial, ref_stats_spatial.mu, ref_stats_spatial.sigma),
         "inception_score": inception_score(sample_logits, is_split),
         "precision": prec,
         "recall": rec,

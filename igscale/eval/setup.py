@@ -43,11 +43,13 @@ def add_sampler_args(p: argparse.ArgumentParser, *, guidance: bool = True) -> No
         g.add_argument("--ig-interval", type=float, nargs=2, metavar=("LO", "HI"))
 
 
-def sampler_from_args(args) -> tuple[SamplerConfig, GuidanceConfig]:
+def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[SamplerConfig, GuidanceConfig]:
+    """Preset (or defaults) with explicit flags applied; guidance flags are skipped when they are sweep axes."""
     s, g = get_preset(args.preset) if args.preset else (SamplerConfig(), GuidanceConfig())
     s_over = {k: v for k, v in (("method", args.method), ("num_steps", args.num_steps), ("shift", args.shift))
               if v is not None}
-    g_over = {k: getattr(args, k, None) for k in ("w_cfg", "cfg_interval", "w_ig", "ig_interval")}
+    g_over = {k: getattr(args, k, None) for k in ("w_cfg", "cfg_interval", "w_ig", "ig_interval")
+              if guidance_overrides}
     g_over = {k: list(v) if isinstance(v, list | tuple) else v for k, v in g_over.items() if v is not None}
     return (from_dict(SamplerConfig, {**to_dict(s), **s_over}),
             from_dict(GuidanceConfig, {**to_dict(g), **g_over}))
