@@ -106,6 +106,10 @@ class DeepSpeedEngine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        if self.zero_stage == 0 and self.ds.is_gradient_accumulation_boundary():
+            # Without ZeRO, DeepSpeed clips but does not report the norm; grads are already all-reduced here.
+            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            self._own_norm = float(torch.stack(grads).norm()) if grads else float("nan")
         self.ds.step()
 
     def is_boundary(self) -> bool:
@@ -123,7 +127,7 @@ class DeepSpeedEngine:
 
     def grad_norm(self) -> float:
         n = self.ds.get_global_grad_norm()
-        return float(n) if n is not None else float("nan")
+        return float(n) if n is not None else getattr(self, "_own_norm", float("nan"))
 
     def low_precision_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.engine.precision, torch.float32)

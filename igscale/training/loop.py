@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -56,6 +57,10 @@ class Trainer:
         def handler(signum, _frame):
             self._signal = signum  # acted on after the current step, agreed on by all ranks
 
+        if threading.current_thread() is not threading.main_thread():
+            # e.g. a Ray Train worker thread: Python only lets the main thread install handlers
+            self.log("warning: not in the main thread; SIGTERM/SIGUSR1 preemption handling is off for this run")
+            return
         for s in PREEMPT_SIGNALS:
             signal.signal(s, handler)
 
