@@ -271,3 +271,22 @@ def test_muon_stage0_trains(latents, s3_server, tmp_path):
          "optim.muon_lr=1e-2", "train.total_steps=16", "sample.every_steps=0", "checkpoint.every_steps=100")
     ok, vals = _decreased(_losses(run_dir), "train/loss_main")
     assert ok, vals
+
+
+def test_crash_mid_upload_then_restart_resumes_from_previous(latents, s3_server, tmp_path):
+    from igscale.io.checkpoint import Checkpointer
+
+    run_dir = str(tmp_path / "run")
+    url = f"s3://{latents.bucket}/runs/crash"
+    args = ("train.total_steps=12", "checkpoint.every_steps=4", f"checkpoint.url={url}", "sample.every_steps=0")
+    env = _env(s3_server, tmp_path)
+    # the step-8 save SIGKILLs each rank right after its first uploaded file (real kill, real S3 server)
+    _run(run_dir, latents.manifest, dict(env, IGSCALE_FAULT_UPLOAD_KILL="8:1"), *args, expect=None)
+    for k, v in s3_server.env.items():
+        os.environ[k] = v
+    ck = Checkpointer(url, str(tmp_path / "x"))
+    assert ck.latest_tag() == "step_000000004"
+    assert ck.storage.list("step_000000008/")  # half-uploaded files exist, without COMPLETE
+    out = _run(run_dir, latents.manifest, env, *args)
+    assert f"resumed from {url}/step_000000004 at step 4" in out
+    assert ck.latest_tag() == "step_000000012" and ck.complete_tags() == ["step_000000008", "step_000000012"]
