@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igscale train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
+    p.add_argument("--ray-workers", type=int, default=0,
+                   help="launch through Ray Train (TorchTrainer) with this many workers instead of torchrun/srun")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address for --ray-workers (default: auto)")
     p.add_argument("overrides", nargs="*", help="typed dotted overrides, e.g. train.global_batch=512")
     return p
 
@@ -38,11 +41,53 @@ def main(argv: list[str] | None = None) -> int:
 
         print(config_to_yaml(cfg), end="")
         return 0
+    if args.ray_workers:
+        return _ray_launch(cfg, args)
     return _run(cfg)
+
+
+def _ray_worker(config: dict) -> None:
+    """Ray Train worker: Ray has set RANK/WORLD_SIZE/LOCAL_RANK and created the process group."""
+    code = _run(_cfg_from(config))
+    if code != 0:
+        raise RuntimeError(f"igscale train worker exited with code {code}")
+
+
+def _cfg_from(config: dict):
+    from igscale.config.load import config_from_dict
+
+    return config_from_dict(config["run_config"])
+
+
+def _ray_launch(cfg, args) -> int:
+    """Driver for Ray Train: the validated config is shipped to every worker as a plain dict."""
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from igscale.config.typed import to_dict
+
+    cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))  # Ray workers run in their own working directories
+    # Workers need the S3 endpoint/credentials of the submitting shell; values are passed, never printed.
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "S3_"))}
+    ray.init(address=args.ray_address, ignore_reinit_error=True, runtime_env={"env_vars": env_vars})
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config={"run_config": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=torch.cuda.is_available()),
+        run_config=RunConfig(name="igscale-train", storage_path=os.path.abspath(os.path.join(cfg.run_dir, "ray"))),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; the message names the worker exit code
+        print(f"igscale train: Ray Train run failed: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(cfg) -> int:
     import torch
+    import torch.distributed as dist
 
     from igscale.distributed.engine import DeepSpeedEngine, init_deepspeed_distributed
     from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
@@ -55,6 +100,7 @@ def _run(cfg) -> int:
     from igscale.training.muon import MuonWithAdam, muon_param_groups
     from igscale.training.samples import make_sample_fn
 
+    owns_group = not dist.is_initialized()  # Ray Train creates (and later destroys) its own group
     env = init_distributed(detect_env())
     rank, world = env.rank, env.world_size
     micro = cfg.micro_batch(world)
@@ -107,7 +153,8 @@ def _run(cfg) -> int:
         print(f"igscale train: invalid config: {e}", file=sys.stderr)
         return 2
     finally:
-        destroy_distributed()
+        if owns_group:
+            destroy_distributed()
 
 
 def _export(trainer, model_config, ckpt, rank: int) -> None:
