@@ -223,7 +223,9 @@ def build_vae(kind: Literal["sd-vae", "va-vae-f16d32"], weights: str | None = No
         if missing or unexpected:
             raise VAEError(f"{weights}: weights do not fit the {kind} architecture: missing {missing[:8]} "
                            f"(+{max(0, len(missing) - 8)}), unexpected {unexpected[:8]}")
-    vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    vae.eval().requires_grad_(False).to(device=device)
+    if dtype != torch.float32:
+        vae.to(dtype=dtype)
     vae.igscale_info = {"kind": kind, "weights": weights, "weights_sha256": sha,
                         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items()
                                    if not k.startswith("_")}}

@@ -1,0 +1,216 @@
+"""Precompute VAE latents of an ImageNet-style tree into WebDataset shards + manifest.
+
+    python -m data_pipeline.run --input s3://bkt/imagenet/train --output s3://bkt/latents/sd256 \
+        --vae-kind sd-vae --vae-weights s3://bkt/weights/sd-vae-ft-ema --resolution 256 --mode mean_std
+    ray job submit --address http://HEAD:8265 -- python -m data_pipeline.run ...   (same flags)
+
+Options may also come from a JSON/YAML file (--config), flags override it. `--executor inline` runs without Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import fields
+
+import numpy as np
+
+from data_pipeline.plan import PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_ranges
+from data_pipeline.write import run_shard
+from igscale.io.shard_format import FIELDS, FORMAT, MANIFEST
+from igscale.io.storage import open_storage
+
+log = logging.getLogger("data_pipeline")
+
+
+def _probe_vae(cfg: PrecomputeConfig) -> tuple[dict, tuple]:
+    """Load the VAE once on the driver before any work: bad weights/layout fail here, and the latent shape is known."""
+    import torch
+
+    from igscale.vae import build_vae
+
+    vae = build_vae(cfg.vae_kind, cfg.vae_weights)
+    with torch.no_grad():
+        x = torch.zeros(1, 3, cfg.resolution, cfg.resolution)
+        shape = tuple(vae.encode(x).latent_dist.mean.shape[1:])
+    info = dict(vae.igscale_info)
+    info["scaling_factor"] = float(vae.config.scaling_factor)
+    return info, shape
+
+
+class _Progress:
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", desc="encode", dynamic_ncols=True, mininterval=1.0,
+                        file=sys.stderr)
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+
+def _run_inline(cfg, tasks, fp, total) -> list[dict]:
+    prog = _Progress(total)
+    out = [run_shard(cfg.to_dict(), *t, fp, progress=prog) for t in tasks]
+    prog.bar.close()
+    return out
+
+
+def _run_ray(cfg, tasks, fp, total, address: str | None) -> list[dict]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    res = ray.cluster_resources()
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
+
+    @ray.remote
+    class Counter:  # workers report images done; the driver turns it into a progress bar with img/s
+        def __init__(self):
+            self.n = 0
+
+        def add(self, n):
+            self.n += n
+
+        def get(self):
+            return self.n
+
+    counter = Counter.options(num_cpus=0).remote()
+
+    def task(cfg_dict, shard, start, files, labels, fp):
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg_dict["cpus_per_worker"])))
+        return run_shard(cfg_dict, shard, start, files, labels, fp, progress=lambda n: counter.add.remote(n))
+
+    remote = ray.remote(task).options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus, max_retries=cfg.max_retries,
+                                      retry_exceptions=False)
+    limit = cfg.max_workers or max(1, int(res.get("GPU", 0) // gpus if gpus else res.get("CPU", 1)
+                                          // max(cfg.cpus_per_worker, 1e-3)))
+    pending, todo, results, prog, seen = [], list(tasks), {}, _Progress(total), 0
+    cfg_ref = cfg.to_dict()
+    while todo or pending:
+        while todo and len(pending) < limit:
+            t = todo.pop(0)
+            pending.append(remote.remote(cfg_ref, *t, fp))
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        for ref in done:
+            rec = ray.get(ref)  # raises (e.g. CorruptImageError in abort mode) -> the job fails, no manifest
+            results[rec["shard"]] = rec
+        n = ray.get(counter.get.remote())
+        prog(n - seen)  # a retried shard counts its images again; the bar shows work done, not unique images
+        seen = n
+    prog.bar.close()
+    return [results[t[0]] for t in tasks]
+
+
+def build_manifest(cfg, src, vae_info, latent_shape, per_shard, records, out) -> dict:
+    n = sum(r["stats"]["n"] for r in records)
+    s = np.sum([r["stats"]["sum"] for r in records if r["stats"]["sum"]], axis=0)
+    sq = np.sum([r["stats"]["sumsq"] for r in records if r["stats"]["sumsq"]], axis=0)
+    mean = s / n
+    std = np.sqrt(np.maximum(sq / n - mean**2, 0.0))
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_samples": sum(r["count"] for r in records),
+        "source": {"url": cfg.input, "num_images": len(src.files), "num_classes": len(src.classes),
+                   "classes": src.classes},
+        "corrupt": [c for r in records for c in r["corrupt"]],
+        "vae": {k: vae_info[k] for k in ("kind", "weights", "weights_sha256", "scaling_factor", "config")},
+        "crop": "adm-center", "resolution": cfg.resolution, "mode": cfg.mode, "fields": list(FIELDS[cfg.mode]),
+        "latent": {"shape": list(latent_shape), "dtype": cfg.dtype},
+        "latent_stats": {"mean": mean.tolist(), "std": std.tolist(),
+                         "over": "posterior samples (Var(mean)+E[std^2])" if cfg.mode == "mean_std"
+                         else "stored unflipped samples"},
+        "samples_per_shard": per_shard,
+        "shards": [{"key": r["key"], "url": out.url(r["key"]), "count": r["count"], "sha256": r["sha256"],
+                    "size": r["size"], "first_index": r["first_index"], "last_index": r["last_index"]}
+                   for r in records],
+        "config": cfg.to_dict(),
+    }
+
+
+def precompute(cfg: PrecomputeConfig, *, executor: str = "ray", ray_address: str | None = None) -> dict:
+    """Run the job; returns {"manifest": ..., "written": [shard ids], "skipped": [shard ids]}."""
+    out = open_storage(cfg.output, endpoint_url=cfg.endpoint_url)
+    out.check()  # missing credentials / bucket fail here, before any work
+    src = list_images(cfg.input, cfg.endpoint_url)
+    vae_info, latent_shape = _probe_vae(cfg)
+    per_shard = samples_per_shard(cfg, latent_shape)
+    fp = fingerprint(cfg, src, vae_info["weights_sha256"], per_shard)
+    tasks = [(k, a, src.files[a:b], src.labels[a:b]) for k, (a, b) in enumerate(shard_ranges(len(src.files),
+                                                                                              per_shard))]
+    log.info("%d images, %d classes -> %d shards of %d", len(src.files), len(src.classes), len(tasks), per_shard)
+    if executor == "inline":
+        records = _run_inline(cfg, tasks, fp, len(src.files))
+    else:
+        records = _run_ray(cfg, tasks, fp, len(src.files), ray_address)
+    # Exactly once: one record per planned shard, counts add up to the inputs minus the corrupt ones.
+    assert [r["shard"] for r in records] == list(range(len(tasks)))
+    n_corrupt = sum(len(r["corrupt"]) for r in records)
+    assert sum(r["count"] for r in records) + n_corrupt == len(src.files)
+    manifest = build_manifest(cfg, src, vae_info, latent_shape, per_shard, records, out)
+    out.put_text(MANIFEST, json.dumps(manifest, indent=1))  # written last: its presence means complete
+    return {"manifest": manifest, "written": [r["shard"] for r in records if not r["skipped"]],
+            "skipped": [r["shard"] for r in records if r["skipped"]]}
+
+
+def parse_args(argv=None) -> tuple[PrecomputeConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON or YAML file with PrecomputeConfig fields")
+    p.add_argument("--executor", choices=["ray", "inline"], default="ray")
+    p.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS / job context / local)")
+    for f in fields(PrecomputeConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                       help=f"PrecomputeConfig.{f.name}")
+    a = p.parse_args(argv)
+    d = {}
+    if a.config:
+        text = open(a.config).read()
+        if a.config.endswith((".yaml", ".yml")):
+            import yaml
+
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+    types = {f.name: f.type for f in fields(PrecomputeConfig)}
+    for name in types:
+        v = getattr(a, name)
+        if v is None:
+            continue
+        t = str(types[name])
+        if "bool" in t:
+            v = v.lower() in ("1", "true", "yes")
+        elif t.startswith("int"):
+            v = int(v)
+        elif t.startswith("float"):
+            v = float(v)
+        elif "int |" in t and v.lower() != "none":
+            v = int(v)
+        elif "float |" in t and v.lower() != "none":
+            v = float(v)
+        elif v.lower() == "none":
+            v = None
+        d[name] = v
+    return PrecomputeConfig.from_dict(d), a
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg, a = parse_args(argv)
+    address = a.ray_address or os.environ.get("RAY_ADDRESS")
+    result = precompute(cfg, executor=a.executor, ray_address=address)
+    m = result["manifest"]
+    print(json.dumps({"manifest": open_storage(cfg.output, endpoint_url=cfg.endpoint_url).url(MANIFEST),
+                      "num_samples": m["num_samples"], "corrupt": len(m["corrupt"]),
+                      "written": result["written"], "skipped": result["skipped"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
