@@ -98,12 +98,16 @@ class _EpochStream(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         sp = self.spec
+        need = [f"{f}.npy" for f in sp["fields"]] + ["cls"]
         for k in shards:
             info = sp["shards"][k]
             url = f"{sp['base']}/{info['key']}"
             n = 0
             try:
                 for s in wds.tarfile_to_samples()(iter([{"url": url}])):
+                    missing = [f for f in need if f not in s]
+                    if missing:  # a tar cut mid-sample yields a sample without all of its members
+                        raise ShardReadError(f"sample {s.get('__key__')!r} lacks {missing}")
                     n += 1
                     yield s
                 if n != info["count"]:
