@@ -48,6 +48,17 @@ class fetch_local:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class strict_fp32:
+    """Disable TF32 for convs/matmuls while extracting features (TF's graph ran in full fp32)."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
 @torch.no_grad()
 def extract_features(
     npz_path: str, inception: InceptionV3, env: DistEnv, *, batch_size: int = 64, device="cpu",
@@ -60,7 +71,8 @@ def extract_features(
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURES}
     bar = tqdm(total=hi - lo, desc=desc, unit="img", disable=not env.is_main, dynamic_ncols=True)
     for batch in iter_batches(npz_path, "arr_0", batch_size, lo, hi):
-        out = inception(torch.from_numpy(batch.copy()).to(device))
+        with strict_fp32():
+            out = inception(torch.from_numpy(batch.copy()).to(device))
         for k in FEATURES:
             parts[k].append(out[k].float())
         bar.update(len(batch))
