@@ -23,7 +23,7 @@ from tests.fixtures.s3server import free_ports
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 30  # resume test: run A does 2N steps, run B checkpoints at N and is SIGKILLed after step N+2
+N = 12  # resume test: run A does 2N steps, run B checkpoints at N and is SIGKILLed after step N+1
 
 
 @dataclass
@@ -32,16 +32,39 @@ class Latents:
     manifest: str
 
 
-def write_tiny_latents(bucket: str, tmp) -> Latents:
-    """128 samples of 4x8x8 latents in 10 classes (class-dependent means, so the model has something to learn)."""
-    # PROVISIONAL until igscale.io.shard_format lands: the manifest URL is not read by the dev loader.
-    return Latents(bucket, f"s3://{bucket}/latents/manifest.json")
+def write_tiny_latents(s3_server, bucket: str, num=128, per_shard=16, classes=10) -> Latents:
+    """`num` 4x8x8 latents in `classes` classes, as shards + manifest in the pipeline's format (shard_format).
+
+    All share a smooth mean pattern (learnt within a few steps) plus a class-dependent offset. Stored mode "sample_flip" (a latent and
+    its mirror); per-channel stats 0/1, so the loader's normalisation is the identity.
+    """
+    from igscale.io.shard_format import FORMAT, MANIFEST, encode_array, sample_key, shard_key, write_tar
+
+    g = torch.Generator().manual_seed(0)
+    base = 1.5 * torch.linspace(-1, 1, 8).view(1, 1, 8) * torch.tensor([1.0, -1.0, 0.5, -0.5]).view(4, 1, 1)
+    centres = base + 0.5 * torch.randn(classes, 4, 8, 8, generator=g)
+    client = s3_server.client()
+    shards = []
+    for k in range(num // per_shard):
+        samples = []
+        for i in range(k * per_shard, (k + 1) * per_shard):
+            z = centres[i % classes] + 0.2 * torch.randn(4, 8, 8, generator=g)
+            samples.append({"__key__": sample_key(i), "latent.npy": encode_array(z, "float32"),
+                            "flip.npy": encode_array(z.flip(-1), "float32"), "cls": str(i % classes).encode()})
+        client.put_object(Bucket=bucket, Key=f"latents/{shard_key(k)}", Body=write_tar(samples))
+        shards.append({"key": shard_key(k), "count": per_shard})
+    manifest = {"format": FORMAT, "num_samples": num, "mode": "sample_flip", "fields": ["latent", "flip"],
+                "latent": {"shape": [4, 8, 8], "dtype": "float32"}, "vae": {"kind": "va-vae"},
+                "latent_stats": {"mean": [0.0] * 4, "std": [1.0] * 4}, "shards": shards,
+                "source": {"num_classes": classes}}
+    client.put_object(Bucket=bucket, Key=f"latents/{MANIFEST}", Body=json.dumps(manifest).encode())
+    return Latents(bucket, f"s3://{bucket}/latents/{MANIFEST}")
 
 
 @pytest.fixture(scope="module")
 def latents(s3_server, tmp_path_factory):
     pytest.importorskip("igscale.io.loader", reason="the latent loader (pipeline issue) has not landed yet")
-    return write_tiny_latents(s3_server.create_bucket(), tmp_path_factory.mktemp("latents"))
+    return write_tiny_latents(s3_server, s3_server.create_bucket())
 
 
 def _env(s3_server, tmp) -> dict:
@@ -188,7 +211,7 @@ def test_exact_resume_after_sigkill(run_a, latents, s3_server, tmp_path):
             f"checkpoint.url=s3://{latents.bucket}/runs/b", "sample.every_steps=0")
     env = _env(s3_server, tmp_path)
     p = _start(b_dir, latents.manifest, env, *args)
-    _wait_for_step(b_dir, N + 2, p, poll=0.01)
+    _wait_for_step(b_dir, N + 1, p, poll=0.005)
     _kill_all(p)  # torchrun and both workers, mid-run, no chance to clean up
     killed_at = max(_losses(b_dir))
     assert N < killed_at < 2 * N, killed_at
