@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_worker(loop_config: dict) -> None:
     """Runs inside each Ray Train worker (rank/world and the process group come from TorchTrainer)."""
     from igscale.cli import train as train_cli
-    from igscale.training.loop import Trainer
 
-    if threading.current_thread() is not threading.main_thread():
-        # Ray Train runs this function in a worker thread, where signal.signal() raises. On Ray, preemption and
-        # faults are handled by the worker-group restart below, not by signals, so skip the handlers there.
-        Trainer.install_signal_handlers = lambda self: None
     code = train_cli.main(["--config", loop_config["config"], *loop_config["overrides"]])
     if code != 0:
         # An exception marks the worker failed: Ray Train restarts the group (FailureConfig), which resumes.

@@ -63,7 +63,7 @@ export IGSCALE_NODE_ADDRS="$NODE_ADDRS"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CPUS_PER_NODE / NPROC > 0 ? CPUS_PER_NODE / NPROC : 1 ))}"
 
 echo "submit.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: igscale $MODE on $NNODES node(s) x $NPROC," \
-     "rendezvous $HEAD_ADDR:$PORT, python $PYTHON, S3 endpoint ${AWS_ENDPOINT_URL:+set}${AWS_ENDPOINT_URL:-unset}" \
+     "rendezvous $HEAD_ADDR:$PORT, python $PYTHON, S3 endpoint ${AWS_ENDPOINT_URL:-unset}" \
      "(credentials passed through, not shown)"
 
 # --- launch: one torchrun per node ------------------------------------------------------------------------------
