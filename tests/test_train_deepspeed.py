@@ -3,7 +3,8 @@
 Covers: ZeRO-2 and ZeRO-3 training reduce both losses; exact resume after SIGKILL; ZeRO-3 checkpoint consolidated by
 DeepSpeed's own fp32 utility loads into the igscale model (and equals the gathered EMA at decay 0); the inference
 export loads and samples; TensorBoard event files hold the expected tags and images; preemption by signal on one
-rank checkpoints and exits 75 on every rank; NaN losses are skipped and stop the run past the limit; Muon trains.
+rank checkpoints and exits 75 on every rank; NaN losses are skipped and stop the run past the limit; Muon trains;
+a save killed mid-upload keeps `latest`; Ray Train launches the same run (identical losses).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ class Latents:
 def write_tiny_latents(s3_server, bucket: str, num=128, per_shard=16, classes=10) -> Latents:
     """`num` 4x8x8 latents in `classes` classes, as shards + manifest in the pipeline's format (shard_format).
 
-    All share a smooth mean pattern (learnt within a few steps) plus a class-dependent offset. Stored mode "sample_flip" (a latent and
-    its mirror); per-channel stats 0/1, so the loader's normalisation is the identity.
+    All share a smooth mean pattern (learnt within a few steps) plus a class-dependent offset. Stored mode
+    "sample_flip" (a latent and its mirror); per-channel stats 0/1, so the loader's normalisation is the identity.
     """
     from igscale.io.shard_format import FORMAT, MANIFEST, encode_array, sample_key, shard_key, write_tar
 
@@ -313,3 +314,19 @@ def test_crash_mid_upload_then_restart_resumes_from_previous(latents, s3_server,
     out = _run(run_dir, latents.manifest, env, *args)
     assert f"resumed from {url}/step_000000004 at step 4" in out
     assert ck.latest_tag() == "step_000000012" and ck.complete_tags() == ["step_000000008", "step_000000012"]
+
+
+def test_ray_train_launch_gives_the_same_run(run_a, latents, s3_server, ray_cluster, tmp_path):
+    """`igscale train --ray-workers 2` on a real Ray cluster: ranks from Ray's env, same losses as under torchrun."""
+    run_dir = str(tmp_path / "run")
+    env = dict(_env(s3_server, tmp_path), **ray_cluster.env)
+    cmd = [sys.executable, "-m", "igscale.cli.main", "train", "--ray-workers", "2", "--ray-address",
+           ray_cluster.address, "--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), f"run_dir={run_dir}",
+           f"data.manifest_url={latents.manifest}", "logging.every_steps=1", "train.total_steps=4",
+           "sample.every_steps=0", f"checkpoint.url=s3://{latents.bucket}/runs/ray"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-4000:]
+    a, r = _losses(run_a[0]), _losses(run_dir)
+    assert sorted(r) == [1, 2, 3, 4]
+    for s in r:
+        assert abs(a[s]["train/loss"] - r[s]["train/loss"]) <= 1e-6, (s, a[s]["train/loss"], r[s]["train/loss"])
