@@ -289,6 +289,10 @@ class LatentNorm:
     def normalize(self, z: torch.Tensor) -> torch.Tensor:  # (..., C, H, W)
         return (z - self._b(self.shift, z)) * self._b(self.scale, z)
 
+    def normalize_(self, z: torch.Tensor) -> torch.Tensor:
+        """In-place normalize (loader hot path)."""
+        return z.sub_(self._b(self.shift, z)).mul_(self._b(self.scale, z))
+
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z / self._b(self.scale, z) + self._b(self.shift, z)
 

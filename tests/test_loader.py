@@ -141,3 +141,33 @@ def test_truncated_and_garbage_shards(flip_dataset):
     good = {k for i, s in enumerate(m["shards"]) if i not in (1, 3)
             for k in range(s["first_index"], s["last_index"] + 1)}
     assert good <= set(keys) and len(keys) == len(set(keys))  # other shards complete, nothing duplicated
+
+
+def test_tar_reader_matches_tarfile():
+    """The loader's tar parser against Python's tarfile on shards with ustar and pax (long name) members."""
+    import io
+    import os
+    import tarfile
+
+    from igscale.io.shard_format import TarFormatError, iter_tar_samples, write_tar
+
+    samples = [{"__key__": f"{i:09d}", "cls": b"7", "mean.npy": os.urandom(100 + 37 * i), "std.npy": b""}
+               for i in range(6)]
+    data = write_tar(samples)
+    assert list(iter_tar_samples(io.BytesIO(data))) == samples
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        assert t.getnames() == [f"{s['__key__']}.{e}" for s in samples for e in ("cls", "mean.npy", "std.npy")]
+    buf = io.BytesIO()
+    long = "d" * 150 + "/000000001"
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for ext, payload in (("cls", b"3"), ("mean.npy", b"abc")):
+            info = tarfile.TarInfo(f"{long}.{ext}")
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    assert list(iter_tar_samples(io.BytesIO(buf.getvalue()))) == [{"__key__": long, "cls": b"3", "mean.npy": b"abc"}]
+    bad = bytearray(data)
+    bad[10] ^= 0xFF  # damage a header byte
+    with pytest.raises(TarFormatError, match="checksum"):
+        list(iter_tar_samples(io.BytesIO(bytes(bad))))
+    with pytest.raises(TarFormatError, match="end of data"):
+        list(iter_tar_samples(io.BytesIO(data[:700])))

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from igscale.io.shard_format import FIELDS, MANIFEST, decode_array
+from igscale.io.shard_format import FIELDS, MANIFEST, decode_stack, iter_tar_samples
 from igscale.io.storage import is_s3_url, open_storage
 from igscale.vae import LatentNorm
 
@@ -89,14 +89,23 @@ def assign_shards(order: list[int], rank: int, world_size: int, num_workers: int
 
 
 # ---------------------------------------------------------------------------------------------- worker stream
+def _mix(seed: int, epoch: int, key: int) -> int:
+    """A 63-bit seed from (seed, epoch, key) (splitmix64-style finaliser, so nearby inputs decorrelate)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + key * 0x94D049BB133111EB) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) >> 1
+
+
 class _EpochStream(torch.utils.data.IterableDataset):
     def __init__(self, spec: dict, epoch: int, offset: int, skips: list[int]):
         super().__init__()
         self.spec, self.epoch, self.offset, self.skips = spec, epoch, offset, skips
 
     def _samples(self, shards: list[int], corrupt: list[str]) -> Iterator[dict]:
-        import webdataset as wds
+        import importlib
 
+        gopen = importlib.import_module("webdataset.gopen").gopen  # s3:// -> our boto3 stream handler
         sp = self.spec
         need = [f"{f}.npy" for f in sp["fields"]] + ["cls"]
         for k in shards:
@@ -104,12 +113,13 @@ class _EpochStream(torch.utils.data.IterableDataset):
             url = f"{sp['base']}/{info['key']}"
             n = 0
             try:
-                for s in wds.tarfile_to_samples()(iter([{"url": url}])):
-                    missing = [f for f in need if f not in s]
-                    if missing:  # a tar cut mid-sample yields a sample without all of its members
-                        raise ShardReadError(f"sample {s.get('__key__')!r} lacks {missing}")
-                    n += 1
-                    yield s
+                with gopen(url, "rb") as stream:
+                    for s in iter_tar_samples(stream):
+                        missing = [f for f in need if f not in s]
+                        if missing:  # a tar cut mid-sample yields a sample without all of its members
+                            raise ShardReadError(f"sample {s.get('__key__')!r} lacks {missing}")
+                        n += 1
+                        yield s
                 if n != info["count"]:
                     raise ShardReadError(f"expected {info['count']} samples, read {n}")
             except Exception as e:  # noqa: BLE001 - any read/parse failure is reported with the shard URL
@@ -131,26 +141,33 @@ class _EpochStream(torch.utils.data.IterableDataset):
             buf[j], buf[-1] = buf[-1], buf[j]
             yield buf.pop()
 
-    def _decode(self, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sp = self.spec
         f0, f1 = sp["fields"]
-        lat = []
-        for s in chunk:
-            a, b = decode_array(s[f"{f0}.npy"], sp["dtype"]), decode_array(s[f"{f1}.npy"], sp["dtype"])
-            rng = np.random.default_rng([sp["seed"], self.epoch, int(s["__key__"]), 0x1A7])
-            if sp["mode"] == "mean_std":  # SiT recipe: a fresh posterior sample every time the sample is read
-                z = a + b * torch.from_numpy(rng.standard_normal(a.shape, dtype=np.float32))
-            else:  # LightningDiT recipe: the stored sample or its mirror, with probability 1/2 each
-                z = b if rng.random() < 0.5 else a
-            lat.append(z)
-        z = sp["norm"].normalize(torch.stack(lat))  # (B, C, h, w)
+        a = decode_stack([s[f"{f0}.npy"] for s in chunk], sp["dtype"])  # (B, C, h, w)
+        b = decode_stack([s[f"{f1}.npy"] for s in chunk], sp["dtype"])
+        keys = [int(s["__key__"]) for s in chunk]
+        g = self._gen
+        if sp["mode"] == "mean_std":  # SiT recipe: a fresh posterior sample every time the sample is read
+            eps = torch.empty_like(a)
+            for i, k in enumerate(keys):
+                g.manual_seed(_mix(sp["seed"], self.epoch, k))
+                torch.randn(a.shape[1:], generator=g, out=eps[i])
+            z = eps.mul_(b).add_(a)  # in place: fresh multi-MB tensors cost page faults
+        else:  # LightningDiT recipe: the stored sample or its mirror, with probability 1/2 each
+            flips = []
+            for k in keys:
+                g.manual_seed(_mix(sp["seed"], self.epoch, k))
+                flips.append(bool(torch.rand((), generator=g) < 0.5))
+            z = torch.where(torch.tensor(flips).view(-1, 1, 1, 1), b, a)
+        z = sp["norm"].normalize_(z)
         labels = torch.tensor([int(s["cls"]) for s in chunk], dtype=torch.int64)
-        keys = torch.tensor([int(s["__key__"]) for s in chunk], dtype=torch.int64)
-        return z, labels, keys
+        return z, labels, torch.tensor(keys, dtype=torch.int64)
 
     def __iter__(self):
         sp = self.spec
         register_s3_gopen(sp["endpoint_url"])
+        self._gen = torch.Generator()  # re-seeded per sample: noise depends only on (seed, epoch, key)
         wi = torch.utils.data.get_worker_info()
         n_workers = sp["num_workers"]
         w = ((wi.id if wi else 0) + self.offset) % n_workers
