@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from igscale.study.config import PRESETS, get_study_config
 from igscale.study.report import write_report
 from igscale.study.run import run_study
@@ -29,15 +31,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "ig_study.md"), help="markdown path; plots go next to it")
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: min(preset's, cores))")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the preset's, 1)")
+    ap.add_argument("--cache", default=None, help="raw results file (default /tmp/ig_study_<preset>.pt)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the document from --cache without rerunning")
     a = ap.parse_args(argv)
     over = {k: v for k, v in (("workers", a.workers), ("threads", a.threads)) if v is not None}
     cfg = get_study_config(a.preset, over)
     if a.workers is None:  # never more worker processes than cores
         cfg.workers = max(1, min(cfg.workers, os.cpu_count() or 1))
+    cache = a.cache or f"/tmp/ig_study_{a.preset}.pt"
     t0 = time.perf_counter()
-    res = run_study(cfg)
-    command = "python bench/ig_study.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
-    write_report(res, Path(a.out), command.strip())
+    if a.report_only:
+        res = torch.load(cache, weights_only=False)
+    else:
+        res = run_study(cfg)
+        torch.save(res, cache)
+    shown = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]  # the study's command
+    write_report(res, Path(a.out), ("python bench/ig_study.py " + shlex.join(shown)).strip())
     print(f"wrote {a.out} in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -113,7 +113,7 @@ def test_smoke_study_regenerates_document(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "ig_study.md"
-    mod.main(["--preset", "smoke", "--out", str(out), "--threads", "1"])
+    mod.main(["--preset", "smoke", "--out", str(out), "--threads", "1", "--cache", str(tmp_path / "res.pt")])
     text = out.read_text()
     for needle in ("## Claim 1", "## Claim 2", "Wall time", "fd_vs_steps.png", "fd_vs_guidance.png", "samples.png"):
         assert needle in text

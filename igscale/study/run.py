@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -109,6 +110,7 @@ def choose_best(arm_results: list[dict], w_cfg: tuple, w_ig: tuple) -> dict[str,
 def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     """Run everything; returns a results dict (JSON-friendly except 'images' and 'final_weights')."""
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]  # the CPU is shared: the document reports the load the study ran under
     torch.set_num_threads(cfg.threads)
     data = load_digits_16(cfg.heldout_fraction)
     c = cfg.classifier
@@ -155,6 +157,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
         "runs": by_arm, "best": best, "best_noaux_cfg": best_noaux_cfg,
         "real_images": data.x_heldout[_first_per_class(data.y_heldout, GRID_IMAGES // 10)],
         "wall_seconds": time.perf_counter() - t_start,
+        "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]},
     }
 
 
