@@ -17,6 +17,14 @@ from tests.test_eval_inception import _random_published_state
 from tests.test_eval_sampling import _env, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CI machine has 2 shared cores: a second OpenMP thread mostly spins against other jobs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("evalassets")

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-import numpy as np
 import torch
 
 from igscale.config.typed import from_dict, to_dict
@@ -23,11 +23,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help='registry name for --checkpoint, e.g. "SiT-XL/2"')
     g.add_argument("--checkpoint-kind", choices=["sit", "lightningdit"], help="official codebase of --checkpoint")
     g = p.add_argument_group("decoder")
-    g.add_argument("--vae", default="none", help="VAE kind for igscale.vae.build_vae (e.g. sd-vae-ft-ema, "
-                   "va-vae-f16d32), or 'none' to store quantised latents (latent-space runs, not ADM-evaluable)")
-    g.add_argument("--vae-weights", help="local folder / s3:// URL of the VAE weights")
-    g.add_argument("--quantization", default=None, help="pixel quantisation of igscale.vae.decode_to_uint8 "
-                   "(sit: 255*(x+1)/2 truncated; vavae: 127.5x+128 truncated); default: the VAE's own")
+    g.add_argument("--vae", default="none", choices=["sd-vae", "va-vae-f16d32", "none"],
+                   help="VAE of igscale.vae (diffusers AutoencoderKL), or 'none' to store quantised latents "
+                   "(latent-space runs, not ADM-evaluable)")
+    g.add_argument("--vae-weights", help="local path / s3:// URL of the VAE weights (diffusers folder or LDM file)")
+    g.add_argument("--quantization", choices=["sit", "vavae"], help="pixel quantisation (sit: 255*(x+1)/2, "
+                   "vavae: 127.5x+128, both truncated); default: sit for sd-vae, vavae for va-vae-f16d32")
+    g.add_argument("--latent-scale", type=float, default=0.18215,
+                   help="SD-VAE: model latent = z * scale (SiT recipe)")
+    g.add_argument("--latent-stats", help="VA-VAE: per-channel latent mean/std the model was trained with: a "
+                   "dataset manifest.json (latent_stats) or latents_stats.pt (mean, std); path or s3://")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, *, guidance: bool = True) -> None:
@@ -74,27 +79,45 @@ def load_model(args) -> tuple[torch.nn.Module, dict]:
     return model.eval(), {"source": src, "model_config": to_dict(model.config)}
 
 
-def _to_nhwc_uint8(x) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim == 4 and a.shape[1] == 3 and a.shape[-1] != 3:
-        a = a.transpose(0, 2, 3, 1)
-    if a.dtype != np.uint8:
-        raise TypeError(f"decoder returned {a.dtype}, expected uint8 pixels")
-    return np.ascontiguousarray(a)
+def _latent_norm(args):
+    from igscale.vae import LatentNorm
+
+    if args.vae == "sd-vae":
+        return LatentNorm.scalar(args.latent_scale), {"latent_norm": {"scale": args.latent_scale}}
+    if not args.latent_stats:
+        raise ValueError("--vae va-vae-f16d32 needs --latent-stats (the per-channel mean/std used in training)")
+    from igscale.eval.evaluate import fetch_local
+
+    with fetch_local(args.latent_stats) as path:
+        if path.endswith(".json"):
+            with open(path) as f:
+                man = json.load(f)
+            stats = man.get("latent_stats", man)
+        else:
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
+        raise ValueError(f"{args.latent_stats}: expected latent stats with 'mean' and 'std'")
+    mean = torch.as_tensor(stats["mean"], dtype=torch.float32).flatten()
+    std = torch.as_tensor(stats["std"], dtype=torch.float32).flatten()
+    return LatentNorm.per_channel(mean, std), {"latent_norm": {"stats": args.latent_stats}}
 
 
 def build_decoder(args, device) -> tuple:
-    """(decode(latents) -> uint8 NHWC, JSON description)."""
+    """(decode(model latents) -> uint8 NHWC numpy, JSON description)."""
     if args.vae == "none":
         return latents_to_uint8, {"vae": "none", "quantization": "127.5x+128 (latents)"}
     from igscale.vae import build_vae, decode_to_uint8  # the latent pipeline's adapter around diffusers
 
-    vae = build_vae(args.vae, args.vae_weights)
-    vae = vae.to(device).eval() if isinstance(vae, torch.nn.Module) else vae
-    kw = {"quantization": args.quantization} if args.quantization else {}
+    if not args.vae_weights:
+        raise ValueError(f"--vae {args.vae} needs --vae-weights (a diffusers folder or LDM checkpoint; "
+                         "igscale never downloads weights)")
+    quant = args.quantization or ("sit" if args.vae == "sd-vae" else "vavae")
+    norm, norm_meta = _latent_norm(args)
+    vae = build_vae(args.vae, args.vae_weights, device=device)
 
     def decode(lat):
-        with torch.no_grad():
-            return _to_nhwc_uint8(decode_to_uint8(vae, lat, **kw))
+        return decode_to_uint8(vae, lat, quantization=quant, norm=norm).numpy()
 
-    return decode, {"vae": args.vae, "vae_weights": args.vae_weights, "quantization": args.quantization or "default"}
+    info = getattr(vae, "igscale_info", {})
+    return decode, {"vae": args.vae, "vae_weights": args.vae_weights, "vae_sha256": info.get("weights_sha256"),
+                    "quantization": quant, **norm_meta}
