@@ -203,3 +203,18 @@ def test_export_and_samples_on_s3(s3_bucket, tmp_path, s3_server):
         assert z["arr_0"].shape == (20, 8, 8, 3)
         np.testing.assert_array_equal(np.bincount(z["arr_1"]), np.full(10, 2))
     assert '"label_protocol": "balanced"' in store.get_text("samples.json")
+
+
+def test_cli_model_input_errors(tmp_path, capsys, export_dir):
+    from igscale.cli import sample as cli_sample
+
+    base = ["--out", str(tmp_path / "o"), "--num-samples", "2", "--method", "euler", "--num-steps", "1"]
+    assert cli_sample.main(base + ["--checkpoint", str(tmp_path / "nope.pt"), "--model", "SiT-S/2",
+                                   "--checkpoint-kind", "sit"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert cli_sample.main(base + ["--export", export_dir[0], "--checkpoint", "x.pt"]) == 2
+    assert "exactly one of --export" in capsys.readouterr().err
+    assert cli_sample.main(base + ["--export", str(tmp_path / "none")]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    assert cli_sample.main(base + ["--export", export_dir[0], "--vae", "sd-vae"]) == 2
+    assert "needs --vae-weights" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Launch with torchrun / srun / a Ray job (each rank runs this same command), e.g.
   torchrun --nproc_per_node 8 -m igscale.cli.main sample --export s3://b/run/export --preset sit-xl2-ig-cfg-fid1.46 \
-      --vae sd-vae-ft-ema --vae-weights /models/sd-vae-ft-ema --out s3://b/run/samples50k
+      --vae sd-vae --vae-weights /models/sd-vae-ft-ema --out s3://b/run/samples50k
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`igscale sweep`: one distributed job that samples and scores a grid of guidance settings with shared seeds.
 
   torchrun --nproc_per_node 8 -m igscale.cli.main sweep --export s3://b/run/export --preset sit-xl2-ig-cfg-fid1.46 \
-      --vae sd-vae-ft-ema --vae-weights /models/sd-vae-ft-ema --ref VIRTUAL_imagenet256_labeled.npz \
+      --vae sd-vae --vae-weights /models/sd-vae-ft-ema --ref VIRTUAL_imagenet256_labeled.npz \
       --inception /weights/pt_inception-2015-12-05-6726825d.pth --num-samples 10000 \
       --w-ig 1.0 1.2 1.4 1.6 --w-cfg 1.0 1.35 --cfg-interval 0,0.7 0,1 --out s3://b/run/sweep
 """
