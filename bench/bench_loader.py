@@ -66,13 +66,19 @@ def raw_get(store: S3Storage, keys: list[str], workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def loader_epoch(url: str, endpoint: str, workers: int, batch: int, epoch: int) -> tuple[float, int]:
+def loader_epoch(url: str, endpoint: str, workers: int, batch: int, epoch: int) -> tuple[float, float, int, int]:
+    """Returns (seconds for the whole epoch, seconds after the first batch, samples, samples after the first).
+    The first batch waits for worker start-up and the shuffle-buffer fill, so the split is only a latency figure."""
     ld = LatentLoader(url, batch_size=batch, rank=0, world_size=1, num_workers=workers, shuffle_buffer=1000,
                       endpoint_url=endpoint)
     ld.load_state_dict({**ld.state_dict(), "epoch": epoch})
     t = time.perf_counter()
-    n = sum(len(b["label"]) for b in ld)
-    return time.perf_counter() - t, n
+    it = iter(ld)
+    n0 = len(next(it)["label"])
+    t1 = time.perf_counter()
+    n = n0 + sum(len(b["label"]) for b in it)
+    t2 = time.perf_counter()
+    return t2 - t, t2 - t1, n, n - n0
 
 
 def main() -> None:
@@ -97,21 +103,21 @@ def main() -> None:
             raws, lds = [], []
             for r in range(a.repeats):
                 raws.append(raw_get(store, keys, a.workers))
-                dt, n = loader_epoch(f"s3://{bucket}/latents/manifest.json", server.endpoint_url, a.workers,
-                                     a.batch, r)
+                dt, dt_steady, n, n_steady = loader_epoch(f"s3://{bucket}/latents/manifest.json",
+                                                          server.endpoint_url, a.workers, a.batch, r)
                 assert n == a.shards * a.per_shard
-                lds.append((n / dt, total / dt))
+                lds.append((n / dt, total / dt, dt - dt_steady))
         finally:
             server.stop()
     raw = statistics.median(raws)
-    sps = statistics.median(x[0] for x in lds)
-    mbs = statistics.median(x[1] for x in lds)
+    sps, mbs, first = (statistics.median(x[i] for x in lds) for i in range(3))
     print(f"{a.shards} shards x {a.per_shard} samples (mean+std 4x32x32 fp32), {total / 1e6:.1f} MB, "
           f"{a.workers} workers, batch {a.batch}, median of {a.repeats}")
     print("| path | samples/s | MB/s |\n|---|---|---|")
     print(f"| raw boto3 GET ({a.workers} streams) | - | {raw / 1e6:.1f} |")
-    print(f"| LatentLoader ({a.workers} workers) | {sps:.0f} | {mbs / 1e6:.1f} |")
-    print(f"ratio loader / raw GET: {mbs / raw:.2f}")
+    print(f"| LatentLoader ({a.workers} workers), whole epoch | {sps:.0f} | {mbs / 1e6:.1f} |")
+    print(f"ratio loader / raw GET: {mbs / raw:.2f}; time to first batch (worker start + shuffle-buffer fill): "
+          f"{first:.2f} s")
 
 
 if __name__ == "__main__":
