@@ -302,7 +302,8 @@ def test_crash_mid_upload_then_restart_resumes_from_previous(latents, s3_server,
 
     run_dir = str(tmp_path / "run")
     url = f"s3://{latents.bucket}/runs/crash"
-    args = ("train.total_steps=12", "checkpoint.every_steps=4", f"checkpoint.url={url}", "sample.every_steps=0")
+    args = ("train.total_steps=12", "checkpoint.every_steps=4", f"checkpoint.url={url}", "sample.every_steps=0",
+            "train.ema_decay=0.0")
     env = _env(s3_server, tmp_path)
     # the step-8 save SIGKILLs each rank right after its first uploaded file (real kill, real S3 server)
     _run(run_dir, latents.manifest, dict(env, IGSCALE_FAULT_UPLOAD_KILL="8:1"), *args, expect=None)
@@ -314,6 +315,17 @@ def test_crash_mid_upload_then_restart_resumes_from_previous(latents, s3_server,
     out = _run(run_dir, latents.manifest, env, *args)
     assert f"resumed from {url}/step_000000004 at step 4" in out
     assert ck.latest_tag() == "step_000000012" and ck.complete_tags() == ["step_000000008", "step_000000012"]
+    # ZeRO-2 EMA (sharded over the ranks' fp32 fragments, decay 0 here) equals DeepSpeed's own fp32 consolidation
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from igscale.eval.export_io import load_export
+
+    local = ck.download("step_000000012", str(tmp_path / "full"))
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(local, tag="step_000000012")
+    export = load_export(url + "/export").state_dict()
+    assert set(export) == set(fp32)
+    for k, v in fp32.items():
+        torch.testing.assert_close(export[k], v.float(), rtol=0, atol=0)
 
 
 def test_ray_train_launch_gives_the_same_run(run_a, latents, s3_server, ray_cluster, tmp_path):

@@ -17,17 +17,17 @@ __all__ = ["main", "ema_state_dict_from_checkpoint"]
 
 
 def _assemble(files: list[str]) -> dict[str, torch.Tensor]:
-    """EMA tensors by name from ema_rank*.pt files (one full copy below ZeRO-3; one flat shard per rank at 3)."""
+    """EMA tensors by name from ema_rank*.pt files: one full copy, or one flat slice per rank (ZeRO sharding)."""
+    from igscale.distributed.engine import assemble_flat
+
     parts = [torch.load(f, weights_only=False) for f in sorted(files)]
-    if parts[0]["zero_stage"] != 3:
-        return parts[0]["ema"]["shadow"]
-    if len(parts) != parts[0]["world_size"]:
-        raise ValueError(f"ZeRO-3 EMA needs {parts[0]['world_size']} rank shards, found {len(parts)}")
+    first = parts[0]
+    if first["sharded"] and len(parts) != first["world_size"]:
+        raise ValueError(f"sharded EMA needs {first['world_size']} rank files, found {len(parts)}")
     out = {}
-    for name, (shape, numel) in parts[0]["zero3_shapes"].items():
-        if name in parts[0]["ema"]["shadow"]:
-            flat = torch.cat([p["ema"]["shadow"][name] for p in parts])
-            out[name] = flat[:numel].view(shape).clone()
+    for name, (_, shape, numel) in first["layout"].items():
+        pieces = [(p["layout"][name][0], p["ema"]["shadow"][name]) for p in parts]
+        out[name] = assemble_flat(pieces, shape, numel)
     return out
 
 

@@ -14,7 +14,16 @@ import torch.distributed as dist
 
 from igscale.config.schema import RunConfig
 
-__all__ = ["build_ds_config", "DeepSpeedEngine", "init_deepspeed_distributed"]
+__all__ = ["build_ds_config", "DeepSpeedEngine", "init_deepspeed_distributed", "assemble_flat"]
+
+
+def assemble_flat(pieces: list[tuple[int, torch.Tensor]], shape: list[int], numel: int) -> torch.Tensor:
+    """Full tensor from (start, flat piece) slices of its flattened form; ZeRO-3 padding past numel is dropped."""
+    full = torch.zeros(numel, dtype=torch.float32)
+    for start, piece in pieces:
+        n = max(0, min(piece.numel(), numel - start))
+        full[start:start + n] = piece.detach().float().cpu().flatten()[:n]
+    return full.view(shape)
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
@@ -134,20 +143,63 @@ class DeepSpeedEngine:
 
     # -- weights -------------------------------------------------------------------------------------------
     def param_views(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, tensor) with this rank's view of each trainable weight: full, or the ZeRO-3 local partition."""
+        """(name, tensor): this rank's view of each trainable weight's fp32 master copy, for the EMA.
+
+        - ZeRO-3: the rank's flat fp32 partition (safe_get_local_fp32_param; same layout as `ds_tensor`).
+        - ZeRO-1/2 and DeepSpeed's bf16 optimizer: the rank's flat fp32 fragment of the parameter (possibly empty).
+        - otherwise: the full parameter (identical on every rank).
+        A view is a flat slice starting at `view_layout()[name][0]` of the flattened parameter.
+        """
         params = dict(self.module.named_parameters())
-        if self.zero_stage == 3:
-            return [(n, params[n].ds_tensor) for n in self._names]
-        return [(n, params[n]) for n in self._names]
+        out = []
+        for n in self._names:
+            p = params[n]
+            if self.zero_stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                v = safe_get_local_fp32_param(p)
+                out.append((n, v if v is not None else p.ds_tensor))
+            elif hasattr(p, "_hp_mapping"):
+                m = p._hp_mapping
+                out.append((n, m.get_hp_fragment() if m is not None else p.new_empty(0, dtype=torch.float32)))
+            else:
+                out.append((n, p))
+        return out
+
+    @property
+    def sharded_views(self) -> bool:
+        """True when each rank's views hold only its own part of the weights (so every rank saves its EMA)."""
+        p = dict(self.module.named_parameters())[self._names[0]]
+        return self.zero_stage == 3 or hasattr(p, "_hp_mapping")
+
+    def view_layout(self) -> dict[str, tuple[int, list[int], int]]:
+        """name -> (start of this rank's view in the flattened parameter, full shape, full numel)."""
+        params = dict(self.module.named_parameters())
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        out = {}
+        for n in self._names:
+            p = params[n]
+            if self.zero_stage == 3:
+                out[n] = (rank * p.ds_tensor.ds_numel, list(p.ds_shape), int(p.ds_numel))
+            elif getattr(p, "_hp_mapping", None) is not None:
+                out[n] = (p._hp_mapping.lp_fragment_address.start, list(p.shape), p.numel())
+            else:
+                out[n] = (0, list(p.shape), p.numel())
+        return out
 
     def gather_shard(self, name: str, shard: torch.Tensor) -> torch.Tensor:
-        """Reassemble a full tensor from per-rank flat ZeRO-3 partitions laid out like `name`'s ds_tensor."""
-        if self.zero_stage != 3:
-            return shard.clone()
-        p = dict(self.module.named_parameters())[name]
-        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, shard.contiguous())
-        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).clone()
+        """Collective: the full tensor of `name` from every rank's view-shaped `shard` (e.g. an EMA shard)."""
+        start, shape, numel = self.view_layout()[name]
+        if not self.sharded_views or not dist.is_initialized():
+            return shard.detach().clone().view(shape)
+        metas = [None] * dist.get_world_size()
+        dist.all_gather_object(metas, (start, shard.numel()))
+        width = max(n for _, n in metas)
+        padded = torch.zeros(width, dtype=shard.dtype, device=shard.device)
+        padded[: shard.numel()] = shard.detach().flatten()
+        parts = [torch.empty_like(padded) for _ in metas]
+        dist.all_gather(parts, padded)
+        return assemble_flat([(s, part[:n]) for (s, n), part in zip(metas, parts)], shape, numel)
 
     @contextlib.contextmanager
     def full_params(self):

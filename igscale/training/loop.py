@@ -66,8 +66,8 @@ class Trainer:
 
     # -- checkpoint contents -------------------------------------------------------------------------------
     def _ema_owner(self) -> bool:
-        # Below ZeRO-3 every rank holds the same full EMA, so rank 0 alone writes it.
-        return self.engine.zero_stage == 3 or self.rank == 0
+        # Sharded views: every rank owns a different part of the EMA. Otherwise all hold the same full copy.
+        return self.engine.sharded_views or self.rank == 0
 
     def _write(self, staging: str, tag: str) -> None:
         self.engine.save(staging, tag)
@@ -76,10 +76,9 @@ class Trainer:
         torch.save({"state": self.state.state_dict(), "loader": self.loader.state_dict(),
                     "torch_rng": torch.get_rng_state()}, os.path.join(d, f"trainer_rank{self.rank:05d}.pt"))
         if self._ema_owner():
-            meta = {n: (list(p.ds_shape), int(p.ds_numel)) for n, p in self.engine.module.named_parameters()
-                    if hasattr(p, "ds_shape")}
-            torch.save({"ema": self.ema.state_dict(), "zero3_shapes": meta, "zero_stage": self.engine.zero_stage,
-                        "world_size": self.world_size}, os.path.join(d, f"ema_rank{self.rank:05d}.pt"))
+            torch.save({"ema": self.ema.state_dict(), "layout": self.engine.view_layout(),
+                        "sharded": self.engine.sharded_views, "world_size": self.world_size},
+                       os.path.join(d, f"ema_rank{self.rank:05d}.pt"))
         if self.rank == 0:
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(to_dict(self.cfg), f, indent=1)
@@ -103,7 +102,7 @@ class Trainer:
         self.state.load_state_dict(tr["state"])
         self.loader.load_state_dict(tr["loader"])
         torch.set_rng_state(tr["torch_rng"])
-        ema_rank = self.rank if self.engine.zero_stage == 3 else 0
+        ema_rank = self.rank if self.engine.sharded_views else 0
         self.ema.load_state_dict(torch.load(os.path.join(d, f"ema_rank{ema_rank:05d}.pt"), weights_only=False)["ema"])
         self.log(f"resumed from {self.ckpt.url}/{tag} at step {self.state.step} ({self.state.nimg} images)")
         return True
