@@ -22,27 +22,6 @@ from tests.launch_helpers import ROOT, TINY, base_env, make_image_tree, max_step
 pytestmark = pytest.mark.slow
 SUBMIT = str(ROOT / "launch" / "ray_submit.py")
 STEPS, EVERY = 60, 10
-EXTRA_WORKER_PORTS = 24
-
-
-@pytest.fixture(scope="module")
-def ray_cluster_wide(tmp_path_factory):
-    """The shared fixture's Ray head, with more worker ports: the precompute job, the Train controller, its
-    workers and their restarted replacements need more than the 8 worker processes the shared `ray_cluster`
-    leaves room for ("No available ports" on restart)."""
-    import tests.fixtures.raycluster as rc
-
-    base = tmp_path_factory.mktemp("rayw")
-    real = rc.free_ports
-    rc.free_ports = lambda n: real(n + EXTRA_WORKER_PORTS)  # start_cluster gives every port past the 9th to workers
-    try:
-        proc, cluster = rc.start_cluster(base)
-    finally:
-        rc.free_ports = real
-    try:
-        yield cluster
-    finally:
-        rc.stop_cluster(proc, base)
 
 
 def _submit(ray_cluster, env, *args, timeout=300):
@@ -58,10 +37,9 @@ def _train_worker_pids(ray_cluster) -> list[int]:
     return [a.pid for a in actors if "TrainWorker" in a.class_name]
 
 
-def test_ray_jobs_precompute_and_train_survive_a_killed_worker(ray_cluster_wide, s3_server, tmp_path):
+def test_ray_jobs_precompute_and_train_survive_a_killed_worker(ray_cluster, s3_server, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    ray_cluster = ray_cluster_wide
     env = {**base_env(s3_server.env, tmp_path), **ray_cluster.env}
     bucket = s3_server.create_bucket()
     images = make_image_tree(tmp_path / "images", classes=2, per_class=4)  # 8 images: 2 shards, 2 Ray tasks
