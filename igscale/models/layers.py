@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igscale.ops.attention import attention
+from igscale.ops.linear import Linear, linear
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -85,14 +86,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class PatchEmbed(nn.Module):
-    """Conv with kernel = stride = p: (B, C, H, W) -> (B, T, D)."""
+    """Patchify, (B, C, H, W) -> (B, T, D): a conv with kernel = stride = p, computed as the GEMM it is.
+
+    The weight stays a Conv2d (official key layout); running it as a linear over flattened patches gives the same
+    result and lets `batch_invariant()` cover it (a conv's kernel choice depends on the batch size).
+    """
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
+        self.p = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        B, C, H, W = x.shape
+        p = self.p
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        patches = patches.reshape(B, (H // p) * (W // p), C * p * p)  # (B, T, C·p²), row-major tokens
+        return linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, T, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -101,7 +111,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
 
     @staticmethod
     def features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -161,8 +171,8 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -173,8 +183,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w12 = Linear(dim, 2 * hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = self.w12(x).chunk(2, dim=-1)
@@ -191,13 +201,13 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim) if norm == "rmsnorm" else nn.LayerNorm(self.head_dim, eps=1e-6)
             self.k_norm = RMSNorm(self.head_dim) if norm == "rmsnorm" else nn.LayerNorm(self.head_dim, eps=1e-6)
         else:
             self.q_norm = self.k_norm = nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, D = x.shape
@@ -222,7 +232,7 @@ class Block(nn.Module):
             self.mlp = SwiGLU(dim, int(2 / 3 * mlp_ratio * dim))
         else:
             self.mlp = Mlp(dim, int(mlp_ratio * dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         # x (B, T, D), c (B, D); chunk order as the official code: shift/scale/gate for msa, then for mlp
@@ -238,8 +248,8 @@ class OutputHead(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int, norm: str):
         super().__init__()
         self.norm_final = make_norm(norm, dim)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
