@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", choices=["random", "balanced"], default="random")
     g.add_argument("--chunk-size", type=int, default=1000)
     g.add_argument("--batch-size", type=int, default=64, help="per-rank batch (does not change the images)")
+    g.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="use plain batched kernels (faster; images then differ in the last bit across batch sizes)")
     return p
 
 
@@ -52,7 +54,8 @@ def _run(args, env) -> int:
         torch.backends.cudnn.allow_tf32 = True
     device = device_for(env)
     cfg = GenerationConfig(num_samples=args.num_samples, seed=args.seed, labels=args.labels,
-                           chunk_size=args.chunk_size, batch_size=args.batch_size)
+                           chunk_size=args.chunk_size, batch_size=args.batch_size,
+                           batch_invariant=args.batch_invariant)
     model, model_meta = load_model(args)
     sampler, guidance = sampler_from_args(args)
     decode, dec_meta = build_decoder(args, device)

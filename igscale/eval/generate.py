@@ -30,6 +30,7 @@ from igscale.distributed.env import DistEnv, barrier
 from igscale.eval.labels import make_labels
 from igscale.eval.npz import write_npz_streaming
 from igscale.io.storage import Storage, is_s3_url, open_storage
+from igscale.ops.linear import batch_invariant
 
 __all__ = ["GenerationConfig", "chunk_key", "generate", "assemble", "latents_to_uint8", "JOB_FILE", "SAMPLES_NPZ"]
 
@@ -46,7 +47,10 @@ class GenerationConfig:
     chunk_size: int = 1000
     """Samples per resumable unit (fixed per job; changing it needs a new output folder)."""
     batch_size: int = 64
-    """Per-rank batch; does not change the images."""
+    """Per-rank batch; does not change the images (with batch_invariant)."""
+    batch_invariant: bool = True
+    """Per-sample GEMMs in the model and per-image VAE decode, so images are bitwise independent of batch size
+    (igscale.ops.linear.batch_invariant). Off: plain batched kernels, faster, last-bit differences across batch sizes."""
 
     def __post_init__(self):
         for k in ("num_samples", "chunk_size", "batch_size"):
@@ -74,7 +78,7 @@ def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
 def _job_identity(cfg: GenerationConfig, settings: dict) -> dict:
     # Everything that changes the pixels. batch_size and world size are deliberately absent.
     return {"num_samples": cfg.num_samples, "seed": cfg.seed, "labels": cfg.labels, "chunk_size": cfg.chunk_size,
-            **settings}
+            "batch_invariant": cfg.batch_invariant, **settings}
 
 
 def _check_job(store: Storage, ident: dict, env: DistEnv) -> None:
@@ -135,8 +139,12 @@ def generate(
             seeds = list(range(cfg.seed + s, cfg.seed + e))
             noise = per_sample_randn(seeds, latent_shape, stream=NOISE_STREAM, device=device)  # (b, C, H, W)
             y = torch.as_tensor(labels[s:e], device=device)
-            lat = sample(model, noise, y, sampler, guidance, null_class=mc.num_classes, seeds=seeds)
-            images.append(decode(lat))
+            with batch_invariant(cfg.batch_invariant):
+                lat = sample(model, noise, y, sampler, guidance, null_class=mc.num_classes, seeds=seeds)
+            if cfg.batch_invariant:  # the VAE's convs pick kernels by batch size: decode one image at a time
+                images.extend(decode(lat[i:i + 1]) for i in range(lat.shape[0]))
+            else:
+                images.append(decode(lat))
             bar.update(e - s)
         buf = io.BytesIO()
         np.savez(buf, arr_0=np.concatenate(images), labels=labels[lo:hi], indices=np.arange(lo, hi))
