@@ -12,8 +12,7 @@ import torch
 from igscale.cli import evaluate as cli_eval
 from igscale.cli import sweep as cli_sweep
 from igscale.eval.export_io import save_export
-from igscale.eval.inception import WEIGHTS_FILENAME
-from tests.test_eval_inception import _random_published_state
+from igscale.eval.inception import WEIGHTS_FILENAME, random_published_state
 from tests.test_eval_sampling import _env, tiny_model
 
 
@@ -28,7 +27,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("evalassets")
-    torch.save(_random_published_state(2), d / WEIGHTS_FILENAME)
+    torch.save(random_published_state(2), d / WEIGHTS_FILENAME)
     rng = np.random.default_rng(0)
     # "real" images: smooth random colour fields, so the features vary between images
     base = rng.integers(0, 256, (8, 2, 2, 3)).astype(np.float64)

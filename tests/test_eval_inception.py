@@ -3,26 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from igscale.eval.inception import WEIGHTS_FILENAME, WEIGHTS_URL, InceptionV3, load_inception, tf1_resize_bilinear
-
-
-def _random_published_state(seed=0):
-    torch.manual_seed(seed)
-    m = InceptionV3()
-    sd = {}
-    for k, v in m.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            continue  # the published file has no such buffers
-        if k.endswith("running_var"):
-            sd[k] = torch.rand_like(v) + 0.5
-        elif k.endswith("running_mean") or k.endswith(".bias"):
-            sd[k] = torch.randn_like(v) * 0.1
-        elif k.endswith("bn.weight"):
-            sd[k] = torch.rand_like(v) + 0.5
-        else:  # conv / fc weights, fan-in scaled so activations stay O(1)
-            fan_in = v[0].numel()
-            sd[k] = torch.randn_like(v) * (2.0 / fan_in) ** 0.5
-    return sd
+from igscale.eval.inception import (
+    WEIGHTS_FILENAME,
+    WEIGHTS_URL,
+    InceptionV3,
+    load_inception,
+    random_published_state,
+    tf1_resize_bilinear,
+)
 
 
 def test_published_layout_keys_and_size():
@@ -46,7 +34,7 @@ def test_published_layout_keys_and_size():
 
 
 def test_random_published_state_loads_and_runs(tmp_path):
-    sd = _random_published_state()
+    sd = random_published_state()
     torch.save(sd, tmp_path / WEIGHTS_FILENAME)
     model = load_inception(str(tmp_path))  # a folder resolves to the published file name
     loaded = model.state_dict()
@@ -70,7 +58,7 @@ def test_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_inception(str(tmp_path / "nope.pth"))
     assert WEIGHTS_FILENAME in str(e.value) and WEIGHTS_URL in str(e.value)
-    sd = _random_published_state()
+    sd = random_published_state()
     sd["AuxLogits.fc.weight"] = torch.zeros(1000, 768)
     del sd["Mixed_7c.branch_pool.conv.weight"]
     torch.save(sd, tmp_path / "bad.pth")
@@ -93,7 +81,7 @@ def test_tf1_resize_grid():
 def test_load_from_s3(s3_bucket, tmp_path):
     from igscale.io.storage import open_storage
 
-    torch.save(_random_published_state(1), tmp_path / WEIGHTS_FILENAME)
+    torch.save(random_published_state(1), tmp_path / WEIGHTS_FILENAME)
     open_storage(f"s3://{s3_bucket}/weights").put_file(WEIGHTS_FILENAME, tmp_path / WEIGHTS_FILENAME)
     m = load_inception(f"s3://{s3_bucket}/weights/{WEIGHTS_FILENAME}")
     assert m(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))["pool"].shape == (1, 2048)
