@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -323,3 +324,19 @@ def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor, *, quantization
     """Latents (B,C,h,w) -> uint8 images (B,H,W,3) on CPU. `norm`: undo the training normalisation first
     (None: the latents are raw VAE latents)."""
     return quantize(decode(vae, latents, norm), quantization)
+
+
+def save_random_vae(store, kind: Literal["sd-vae", "va-vae-f16d32"] = "sd-vae",
+                    block_out_channels: tuple[int, ...] = (32, 32, 32, 32), seed: int = 0) -> None:
+    """Write a small random-weight AutoencoderKL with `kind`'s structure (levels, latent channels) in the diffusers
+    folder layout through a Storage: for tests and the demo, where no published weights may be downloaded."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**dict(VAE_KINDS[kind], block_out_channels=block_out_channels))
+    with tempfile.TemporaryDirectory() as d:
+        vae.save_pretrained(d, safe_serialization=True)
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            store.put_file(name, os.path.join(d, name))

@@ -15,14 +15,7 @@ from igscale.eval.export_io import save_export
 from igscale.eval.inception import WEIGHTS_FILENAME, random_published_state
 from tests.test_eval_sampling import _env, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores: a second OpenMP thread mostly spins against other jobs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

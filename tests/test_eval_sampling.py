@@ -21,6 +21,8 @@ from igscale.eval.generate import GenerationConfig, chunk_key, generate
 from igscale.models import build_model
 
 N, CHUNK = 40, 4
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SAMPLER_ARGS = ["--method", "sde", "--num-steps", "12", "--w-cfg", "1.6", "--cfg-interval", "0", "0.7",
                 "--w-ig", "1.4", "--ig-interval", "0.1", "1"]
 
@@ -36,13 +38,6 @@ def tiny_model(seed=0, num_classes=10, in_channels=3):
     return m.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores: a second OpenMP thread mostly spins against other jobs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):

@@ -20,16 +20,11 @@ from igscale.study.evaluate import generate, make_reference, score
 from igscale.study.run import steps_to_reach
 from igscale.study.train import build_study_model, load_weights, train_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster than two on a shared 2-core CPU (no OpenMP spin-wait thrash).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from igscale.data.crop import center_crop_adm
 from igscale.io.loader import LatentLoader
 from igscale.io.shard_format import decode_array, shard_key
 from igscale.io.storage import StorageError, open_storage
+from igscale.vae import save_random_vae
 
 CLASSES = ["n01443537", "n01530575", "n02085620"]
 PER_CLASS = 8
@@ -42,18 +43,7 @@ def make_tree(store, *, corrupt: bool = True) -> list[tuple[str, int]]:
 
 def make_vae(store) -> None:
     """A tiny random SD-VAE-structured AutoencoderKL (f8, 4 latent channels) in the diffusers folder layout."""
-    import tempfile
-
-    from diffusers import AutoencoderKL
-
-    from igscale.vae import VAE_KINDS
-
-    torch.manual_seed(123)
-    vae = AutoencoderKL(**dict(VAE_KINDS["sd-vae"], block_out_channels=(32, 32, 32, 32)))
-    with tempfile.TemporaryDirectory() as d:
-        vae.save_pretrained(d, safe_serialization=True)
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-            store.put_file(name, os.path.join(d, name))
+    save_random_vae(store, "sd-vae", (32, 32, 32, 32), seed=123)
 
 
 def job_args(bucket: str, out: str, **over) -> list[str]:

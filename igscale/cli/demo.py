@@ -58,23 +58,6 @@ def _free_port() -> int:
     return free_ports(1)[0]
 
 
-def _write_random_vae(store) -> None:
-    """A small random-weight AutoencoderKL with the SD-VAE structure (f8, 4 latent channels), diffusers layout."""
-    import tempfile
-
-    import torch
-    from diffusers import AutoencoderKL
-
-    from igscale.vae import VAE_KINDS
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**dict(VAE_KINDS["sd-vae"], block_out_channels=(32, 32, 64, 64)))
-    with tempfile.TemporaryDirectory() as d:
-        vae.save_pretrained(d, safe_serialization=True)
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-            store.put_file(name, os.path.join(d, name))
-
-
 def _real_images_npz(store, out: Path, size: int) -> int:
     """ADM-cropped real images (uint8 NHWC) for the reference batch."""
     import io
@@ -157,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. data ------------------------------------------------------------------------------------------------
         from igscale.data.toy import write_toy_tree
+        from igscale.vae import save_random_vae
 
         n = write_toy_tree(open_storage(f"{root}/images"), per_class=a.per_class)
-        _write_random_vae(open_storage(f"{root}/weights/vae"))
+        save_random_vae(open_storage(f"{root}/weights/vae"), "sd-vae", (32, 32, 64, 64))
         _say(f"wrote {n} toy images to {root}/images and a random-weight f8 VAE to {root}/weights/vae")
 
         # 3. latents with Ray -------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from igscale.distributed.env import destroy_distributed, device_for, init_distributed
+from igscale.cli.common import run_distributed
+from igscale.distributed.env import device_for
 from igscale.eval.evaluate import evaluate_npz, fetch_local, make_reference_batch
 from igscale.eval.inception import WEIGHTS_FILENAME, load_inception
-from igscale.io.storage import StorageError, split_url
+from igscale.io.storage import split_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,24 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.make_ref and not (args.ref and args.sample):
         p.error("give REF and SAMPLE, or --make-ref OUT --images NPZ")
-    env = init_distributed()
-    try:
-        device = device_for(env)
-        inception = load_inception(args.inception, device)
-        if args.make_ref:
-            if not args.images:
-                p.error("--make-ref needs --images")
-            with fetch_local(args.images) as images:
-                make_reference_batch(images, args.make_ref, inception, env, num_pr_images=args.num_pr_images,
-                                     batch_size=args.batch_size, device=device)
-            return 0
-        with fetch_local(args.ref) as ref, fetch_local(args.sample) as sample:
-            metrics = evaluate_npz(sample, ref, inception, env, batch_size=args.batch_size, device=device)
-        if metrics is not None and args.out:
-            write_json(args.out, {**metrics, "ref": args.ref, "sample": args.sample, "world_size": env.world_size})
+    if args.make_ref and not args.images:
+        p.error("--make-ref needs --images")
+    return run_distributed("igscale eval", lambda env: _run(args, env))
+
+
+def _run(args, env) -> int:
+    device = device_for(env)
+    inception = load_inception(args.inception, device)
+    if args.make_ref:
+        with fetch_local(args.images) as images:
+            make_reference_batch(images, args.make_ref, inception, env, num_pr_images=args.num_pr_images,
+                                 batch_size=args.batch_size, device=device)
         return 0
-    except (ValueError, FileNotFoundError, StorageError) as e:
-        print(f"igscale eval: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+    with fetch_local(args.ref) as ref, fetch_local(args.sample) as sample:
+        metrics = evaluate_npz(sample, ref, inception, env, batch_size=args.batch_size, device=device)
+    if metrics is not None and args.out:
+        write_json(args.out, {**metrics, "ref": args.ref, "sample": args.sample, "world_size": env.world_size})
+    return 0

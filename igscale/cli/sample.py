@@ -7,16 +7,15 @@ Launch with torchrun / srun / a Ray job (each rank runs this same command), e.g.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
+from igscale.cli.common import run_distributed
 from igscale.config.typed import to_dict
-from igscale.distributed.env import barrier, destroy_distributed, device_for, init_distributed, print0
+from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.generate import GenerationConfig, assemble, describe, generate
 from igscale.eval.setup import add_model_args, add_sampler_args, build_decoder, load_model, sampler_from_args
-from igscale.io.storage import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    env = init_distributed(timeout_s=4 * 3600)
-    try:
-        return _run(args, env)
-    except (ValueError, FileNotFoundError, StorageError) as e:
-        print(f"igscale sample: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+    return run_distributed("igscale sample", lambda env: _run(args, env), timeout_s=4 * 3600)
 
 
 def _run(args, env) -> int:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from igscale.cli.common import run_distributed
 from igscale.config.typed import to_dict
-from igscale.distributed.env import barrier, destroy_distributed, device_for, init_distributed, print0
+from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.evaluate import evaluate_npz, extract_features, fetch_local
 from igscale.eval.generate import SAMPLES_NPZ, GenerationConfig, assemble, describe, generate
 from igscale.eval.inception import WEIGHTS_FILENAME, load_inception
 from igscale.eval.npz import validate_ref_npz
 from igscale.eval.setup import add_model_args, add_sampler_args, build_decoder, load_model, sampler_from_args
 from igscale.eval.sweep import make_grid, write_report
-from igscale.io.storage import StorageError, open_storage
+from igscale.io.storage import open_storage
 
 
 def _interval(s: str) -> tuple[float, float]:
@@ -55,14 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    env = init_distributed(timeout_s=4 * 3600)
-    try:
-        return _run(args, env)
-    except (ValueError, FileNotFoundError, StorageError) as e:
-        print(f"igscale sweep: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+    return run_distributed("igscale sweep", lambda env: _run(args, env), timeout_s=4 * 3600)
 
 
 def _run(args, env) -> int:
