@@ -13,7 +13,6 @@ checkpoint. Put `checkpoint.url` on storage every node sees (s3://...). Exit cod
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -31,55 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_worker(loop_config: dict) -> None:
-    """Runs inside each Ray Train worker (rank/world and the process group come from TorchTrainer)."""
+def main(argv: list[str] | None = None) -> int:
+    """Forward to `igscale train --ray-workers N` (the one Ray Train launcher; it validates the config first)."""
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        print("ray_train.py: --workers must be >= 1", file=sys.stderr)
+        return 2
     from igscale.cli import train as train_cli
 
-    code = train_cli.main(["--config", loop_config["config"], *loop_config["overrides"]])
-    if code != 0:
-        # An exception marks the worker failed: Ray Train restarts the group (FailureConfig), which resumes.
-        raise RuntimeError(f"igscale train exited with code {code} on rank {os.environ.get('RANK')}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from igscale.config.load import load_config
-    from igscale.config.typed import ConfigError
-
-    try:  # validate on the driver, before any worker starts
-        cfg = load_config(args.config, args.overrides)
-        if not cfg.data.manifest_url:
-            raise ConfigError("data.manifest_url is empty: point it at a latent manifest (s3://... or a path)")
-    except ConfigError as e:
-        print(f"ray_train.py: invalid config: {e}", file=sys.stderr)
-        return 2
-    if args.workers < 1 or args.max_failures < 0:
-        print("ray_train.py: --workers must be >= 1 and --max-failures >= 0", file=sys.stderr)
-        return 2
-
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    run_dir = os.path.abspath(cfg.run_dir)
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
-    trainer = TorchTrainer(
-        _train_worker,
-        # absolute config path: workers may start in another directory than this driver
-        train_loop_config={"config": os.path.abspath(args.config), "overrides": [*args.overrides, f"run_dir={run_dir}"]},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker}),
-        run_config=RunConfig(name=args.name or os.path.basename(run_dir.rstrip("/")) or "igscale",
-                             storage_path=args.storage_path or os.path.join(run_dir, "ray"),
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
-    )
-    try:
-        trainer.fit()
-    except Exception as e:  # noqa: BLE001  (TrainingFailedError and friends: report, exit non-zero)
-        print(f"ray_train.py: training failed after up to {args.max_failures} restarts: {e}", file=sys.stderr)
-        return 1
-    print(f"ray_train.py: training finished; checkpoints at {cfg.checkpoint.url or os.path.join(run_dir, 'checkpoints')}")
-    return 0
+    fwd = ["--config", args.config, "--ray-workers", str(args.workers), "--ray-max-failures", str(args.max_failures),
+           "--ray-cpus-per-worker", str(args.cpus_per_worker), "--ray-use-gpu", "yes" if args.use_gpu else "no"]
+    if args.storage_path:
+        fwd += ["--ray-storage-path", args.storage_path]
+    if args.name:
+        fwd += ["--ray-name", args.name]
+    return train_cli.main([*fwd, *args.overrides])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
     p.add_argument("--ray-workers", type=int, default=0,
                    help="launch through Ray Train (TorchTrainer) with this many workers instead of torchrun/srun")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address for --ray-workers (default: auto)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster address for --ray-workers (default: RAY_ADDRESS, e.g. inside `ray job submit`)")
+    p.add_argument("--ray-max-failures", type=int, default=0,
+                   help="Ray Train FailureConfig: worker-group restarts (each resumes from `latest`) before failing")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--ray-use-gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="one GPU per Ray worker (NCCL); auto: if this driver sees CUDA")
+    p.add_argument("--ray-storage-path", default=None, help="Ray Train run storage (default: <run_dir>/ray)")
+    p.add_argument("--ray-name", default=None, help="Ray Train run name (default: basename of run_dir)")
     p.add_argument("overrides", nargs="*", help="typed dotted overrides, e.g. train.global_batch=512")
     return p
 
@@ -35,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("data.manifest_url is empty: point it at a latent manifest (s3://... or a path)")
     except ConfigError as e:
         print(f"igscale train: invalid config: {e}", file=sys.stderr)
+        return 2
+    if args.ray_workers < 0 or args.ray_max_failures < 0:
+        print("igscale train: --ray-workers and --ray-max-failures must be >= 0", file=sys.stderr)
         return 2
     if args.dry_run:
         from igscale.config.load import config_to_yaml
@@ -63,7 +74,7 @@ def _ray_launch(cfg, args) -> int:
     """Driver for Ray Train: the validated config is shipped to every worker as a plain dict."""
     import ray
     import torch
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from igscale.config.typed import to_dict
@@ -71,17 +82,24 @@ def _ray_launch(cfg, args) -> int:
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))  # Ray workers run in their own working directories
     # Workers need the S3 endpoint/credentials of the submitting shell; values are passed, never printed.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "S3_"))}
-    ray.init(address=args.ray_address, ignore_reinit_error=True, runtime_env={"env_vars": env_vars})
+    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
+             log_to_driver=True, runtime_env={"env_vars": env_vars})
+    use_gpu = torch.cuda.is_available() if args.ray_use_gpu == "auto" else args.ray_use_gpu == "yes"
     trainer = TorchTrainer(
         _ray_worker, train_loop_config={"run_config": to_dict(cfg)},
-        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=torch.cuda.is_available()),
-        run_config=RunConfig(name="igscale-train", storage_path=os.path.abspath(os.path.join(cfg.run_dir, "ray"))),
+        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": args.ray_cpus_per_worker}),
+        run_config=RunConfig(name=args.ray_name or os.path.basename(cfg.run_dir.rstrip("/")) or "igscale-train",
+                             storage_path=args.ray_storage_path or os.path.join(cfg.run_dir, "ray"),
+                             failure_config=FailureConfig(max_failures=args.ray_max_failures)),
     )
     try:
         trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; the message names the worker exit code
-        print(f"igscale train: Ray Train run failed: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the message names the worker exit code
+        print(f"igscale train: Ray Train run failed after up to {args.ray_max_failures} restarts: {e}",
+              file=sys.stderr)
         return 1
+    print(f"igscale train: finished; checkpoints at {cfg.checkpoint.url or os.path.join(cfg.run_dir, 'checkpoints')}")
     return 0
 
 
