@@ -59,7 +59,8 @@ def _plots(res: dict, fig_dir: Path) -> dict[str, str]:
         stride = runs[arm][0]["loss_stride"]
         ax[2].plot(np.arange(len(losses)) * stride + stride, losses, color=colors[arm], label=ARM_LABEL[arm] + ", D_f")
     aux_head = np.array([r["aux_loss"] for r in runs["aux"]]).mean(0)
-    ax[2].plot(np.arange(len(aux_head)) * runs["aux"][0]["loss_stride"], aux_head, "--", color=colors["aux"],
+    stride = runs["aux"][0]["loss_stride"]
+    ax[2].plot(np.arange(len(aux_head)) * stride + stride, aux_head, "--", color=colors["aux"],
                label="with aux loss, D_i (intermediate head)")
     ax[0].axhline(res["real_floor"]["fd"], color="gray", ls=":", label="real train vs held-out")
     ax[0].set(xlabel="training step", ylabel="FD (classifier features)", title="Claim 1: FD vs steps (no guidance)")
@@ -123,7 +124,7 @@ def _grid(imgs: torch.Tensor) -> np.ndarray:
     """(n, 1, 16, 16) with sample i of class i % 10 -> (10·17, k·17) image, one row per class."""
     imgs = imgs.clamp(-1, 1).numpy()[:, 0]
     k = len(imgs) // 10
-    g = np.full((10 * 17, k * 17), -1.0)
+    g = np.zeros((10 * 17, k * 17))  # mid-gray separators (the digits' background is -1, black)
     for i in range(10 * k):
         r, c = i % 10, i // 10
         g[r * 17 : r * 17 + 16, c * 17 : c * 17 + 16] = imgs[i]
@@ -164,6 +165,9 @@ def _markdown(res: dict, command: str, figs: dict[str, str]) -> str:
     w(f"- **Wall time: {res['wall_seconds'] / 60:.1f} min** on {_machine()}, {cfg['workers']} worker process(es), "
       f"{cfg['threads']} torch thread(s) per process. The CPU was shared with other jobs: 1-min load average "
       f"{ld.get('start', float('nan')):.1f} at the start and {ld.get('end', float('nan')):.1f} at the end.")
+    if "cpu_seconds" in res:
+        w(f"- CPU time actually used: {res['cpu_seconds'] / 60:.1f} core-minutes, i.e. about "
+          f"{res['cpu_seconds'] / 60 / max(1, cfg['workers']):.1f} min of wall time on {cfg['workers']} idle core(s).")
     w(f"- Seeds: {list(cfg['seeds'])}; every number below is the mean ± sample std over these {n_seeds} seeds "
       "(paired differences are computed per seed first).\n")
 

@@ -44,6 +44,7 @@ def _guidance(cfg: StudyConfig, w_cfg: float, w_ig: float) -> GuidanceConfig:
 
 def _arm_job(cfg_dict, clf_state, ref_feats, x, y, seed: int, arm: str, show_progress: bool = False) -> dict:
     """Train one arm of one seed, then its FD-vs-steps curve and its guidance sweep (final EMA weights)."""
+    cpu0 = time.process_time()
     cfg, net, ref = _setup(cfg_dict, clf_state, ref_feats)
     s = cfg.sample
     bar = tqdm(total=cfg.train.steps, desc=f"train seed {seed} {arm}", leave=False, disable=not show_progress)
@@ -71,7 +72,7 @@ def _arm_job(cfg_dict, clf_state, ref_feats, x, y, seed: int, arm: str, show_pro
     return {
         "seed": seed, "arm": arm, "curve": curve, "sweep": sweep, "plain_2x_steps": plain2x, "images": images,
         "final_weights": run.snapshots[cfg.train.steps], "train_seconds": run.seconds,
-        "eval_seconds": time.perf_counter() - t0,
+        "eval_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
         "main_loss": [float(np.mean(run.main_loss[i : i + stride])) for i in range(0, len(run.main_loss), stride)],
         "aux_loss": [float(np.mean(run.aux_loss[i : i + stride])) for i in range(0, len(run.aux_loss), stride)],
         "loss_stride": stride,
@@ -80,13 +81,14 @@ def _arm_job(cfg_dict, clf_state, ref_feats, x, y, seed: int, arm: str, show_pro
 
 def _confirm_job(cfg_dict, clf_state, ref_feats, weights, seed: int, arm: str, settings: list) -> dict:
     """Re-measure chosen settings on fresh noise seeds, so the reported best is not the max of a noisy sweep."""
+    cpu0 = time.process_time()
     cfg, net, ref = _setup(cfg_dict, clf_state, ref_feats)
     model, s = load_weights(cfg, weights), cfg.sample
     out = []
     for label, wc, wi in settings:
         xs, ys, _ = generate(model, s.num_samples, s.num_steps, _guidance(cfg, wc, wi), seed_base=s.confirm_seed_offset)
         out.append({"label": label, "w_cfg": wc, "w_ig": wi, **score(net, ref, xs, ys)})
-    return {"seed": seed, "arm": arm, "confirm": out}
+    return {"seed": seed, "arm": arm, "confirm": out, "cpu_seconds": time.process_time() - cpu0}
 
 
 def _set_threads(n: int) -> None:
@@ -110,6 +112,7 @@ def choose_best(arm_results: list[dict], w_cfg: tuple, w_ig: tuple) -> dict[str,
 def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     """Run everything; returns a results dict (JSON-friendly except 'images' and 'final_weights')."""
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     load_start = os.getloadavg()[0]  # the CPU is shared: the document reports the load the study ran under
     torch.set_num_threads(cfg.threads)
     data = load_digits_16(cfg.heldout_fraction)
@@ -150,13 +153,16 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
         if pool is not None:
             pool.shutdown()
     for r in confirms:
-        next(a for a in arms if a["seed"] == r["seed"] and a["arm"] == r["arm"])["confirm"] = r["confirm"]
+        job = next(a for a in arms if a["seed"] == r["seed"] and a["arm"] == r["arm"])
+        job["confirm"], job["cpu_seconds"] = r["confirm"], job["cpu_seconds"] + r["cpu_seconds"]
     return {
         "config": cfg_dict, "classifier_accuracy": clf_acc, "real_floor": real, "noise_ceiling": noise_ref,
         "num_train": len(data.x_train), "num_heldout": len(data.x_heldout),
         "runs": by_arm, "best": best, "best_noaux_cfg": best_noaux_cfg,
         "real_images": data.x_heldout[_first_per_class(data.y_heldout, GRID_IMAGES // 10)],
         "wall_seconds": time.perf_counter() - t_start,
+        # CPU seconds actually spent (this process + all jobs): the cost on an otherwise idle machine.
+        "cpu_seconds": time.process_time() - cpu_start + sum(a["cpu_seconds"] for a in arms),
         "load_avg_1min": {"start": load_start, "end": os.getloadavg()[0]},
     }
 
