@@ -37,6 +37,8 @@ class RunResult:
     aux_loss: list[float] = field(default_factory=list)
     """Per-step batch means; aux is logged in both arms (in the no-aux arm it is the untrained head's error)."""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """Process CPU time of the loop: the cost comparison between arms (wall time depends on the shared CPU's load)."""
 
 
 def load_weights(cfg: StudyConfig, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -63,7 +65,7 @@ def train_run(
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(10_000 + seed)  # batches, t, noise, drops: identical for both arms
     res = RunResult(seed=seed, aux_weight=aux_weight)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(1, tc.steps + 1):
         idx = torch.randint(len(x), (tc.batch_size,), generator=g)
         x0, yb = x[idx], y[idx]  # (B, 1, 16, 16), (B,)
@@ -85,5 +87,5 @@ def train_run(
             res.snapshots[step] = {n: v.clone() for n, v in ema.shadow.items()}
         if progress:
             progress(step)
-    res.seconds = time.perf_counter() - t0
+    res.seconds, res.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return res
