@@ -82,6 +82,8 @@ def _ray_launch(cfg, args) -> int:
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))  # Ray workers run in their own working directories
     # Workers need the S3 endpoint/credentials of the submitting shell; values are passed, never printed.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "S3_"))}
+    # Inside `ray job submit` the job's runtime env already carries these variables: let Ray merge the two.
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
              log_to_driver=True, runtime_env={"env_vars": env_vars})
     use_gpu = torch.cuda.is_available() if args.ray_use_gpu == "auto" else args.ray_use_gpu == "yes"
