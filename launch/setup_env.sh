@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-step install of igscale into ./.venv on a fresh Debian/Ubuntu machine (CPU or GPU).
 # torch is installed in the same pip command as deepspeed so that pip takes the pinned CPU wheel rather than pulling a
-# multi-GB CUDA build (see docs/install.md). Idempotent: rerunning only checks the pins.
+# multi-GB CUDA build. Idempotent: rerunning only checks the pins. GPU machines: add `pip install flash-attn` (optional).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
