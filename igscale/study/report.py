@@ -322,6 +322,9 @@ def _markdown(res: dict, command: str, figs: dict[str, str]) -> str:
     w("- Scale: tiny models, 16×16 single-channel data, minutes of CPU training. The paper's claims concern "
       "ImageNet-scale models trained for hundreds of epochs; a null result here does not refute them, and a "
       "positive one does not prove them — it shows that igscale's implementation behaves as the method intends.")
+    w(f"- The auxiliary head sits after block {m['ig_layer']} of {m['depth']} ({m['ig_layer'] / m['depth']:.0%} of the "
+      "depth; the paper's SiT-XL uses 8 of 28, 29%). Other head positions, depths, loss weights and training lengths "
+      "are not varied here; claim 1 in particular may depend on them.")
     w("- FD on a small classifier's features with a few hundred samples is biased and noisy; the same noise and "
       "paired seeds remove most of the noise from the differences, which is why differences are reported.")
     w("- The guidance scales are picked on the sweep noise and confirmed on fresh noise; the held-out reference set "
