@@ -96,9 +96,10 @@ def test_aux_loss_gradients_reach_only_early_blocks_and_ig_head():
 
 
 def test_guidance_identities_and_official_composition():
+    torch.manual_seed(0)
     df, di = torch.randn(4, 3), torch.randn(4, 3)
     assert torch.equal(internal_guidance(df, di, 1.0), df)
-    assert torch.allclose(internal_guidance(df, di, 1.4), df + 0.4 * (df - di))
+    assert torch.allclose(internal_guidance(df, di, 1.4), di + 1.4 * (df - di), atol=1e-6)  # the paper's form
     c, u = torch.randn(4, 3), torch.randn(4, 3)
     assert torch.equal(classifier_free_guidance(c, u, 1.0), c)
 
@@ -112,10 +113,11 @@ def test_guidance_identities_and_official_composition():
     Fc, Ic = x * 2 + 1, x * 0.5 - 1
     Fu, Iu = Fc + 5, Ic + 3
     Gc, Gu = Ic + 1.4 * (Fc - Ic), Iu + 1.4 * (Fu - Iu)
-    assert torch.allclose(gv(x, 0.5), Gu + 1.5 * (Gc - Gu))
+    # float32 rounding of the two algebraically equal forms differs by ~1e-6 at these magnitudes
+    assert torch.allclose(gv(x, 0.5), Gu + 1.5 * (Gc - Gu), atol=1e-5)
     # scale 1 switches each off
     assert torch.allclose(GuidedVelocity(model, y, GuidanceConfig(), 10)(x, 0.5), Fc)
-    assert torch.allclose(GuidedVelocity(model, y, GuidanceConfig(w_ig=1.4), 10)(x, 0.5), Gc)
+    assert torch.allclose(GuidedVelocity(model, y, GuidanceConfig(w_ig=1.4), 10)(x, 0.5), Gc, atol=1e-5)
 
 
 def test_intervals_and_unconditional_rows_only_where_cfg_active():
