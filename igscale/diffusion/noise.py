@@ -5,15 +5,12 @@ from collections.abc import Sequence
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+from igscale.seeding import GOLDEN, MIX1, MIX2, splitmix64
 
 
 def mix_seed(seed: int, stream: int) -> int:
     """splitmix64 of (seed, stream) -> a well-spread 63-bit generator seed."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(stream) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+    return splitmix64(int(seed) * GOLDEN + int(stream) * MIX1 + MIX2) & ((1 << 63) - 1)
 
 
 def generator_for(seed: int, stream: int = 0) -> torch.Generator:

@@ -31,6 +31,7 @@ import torch
 
 from igscale.io.shard_format import FIELDS, MANIFEST, decode_stack, iter_tar_samples
 from igscale.io.storage import is_s3_url, open_storage
+from igscale.seeding import GOLDEN, MIX1, MIX2, splitmix64
 from igscale.vae import LatentNorm
 
 __all__ = ["LatentLoader", "ShardReadError", "register_s3_gopen", "epoch_shard_order", "assign_shards",
@@ -90,11 +91,8 @@ def assign_shards(order: list[int], rank: int, world_size: int, num_workers: int
 
 # ---------------------------------------------------------------------------------------------- worker stream
 def _mix(seed: int, epoch: int, key: int) -> int:
-    """A 63-bit seed from (seed, epoch, key) (splitmix64-style finaliser, so nearby inputs decorrelate)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + key * 0x94D049BB133111EB) & (2**64 - 1)
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (x ^ (x >> 31)) >> 1
+    """A 63-bit seed from (seed, epoch, key): splitmix64, so nearby inputs decorrelate."""
+    return splitmix64(seed * GOLDEN + epoch * MIX1 + key * MIX2) >> 1
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
