@@ -114,6 +114,10 @@ class Checkpointer:
             raise RuntimeError(f"`latest` in {self.url} points at {tag}, which is not a complete checkpoint")
         return tag
 
+    def latest_is(self, step: int) -> bool:
+        """Whether `latest` already points at the checkpoint of `step` (the tag format stays in this module)."""
+        return self.latest_tag() == tag_for(step)
+
     def complete_tags(self) -> list[str]:
         return [t for t in self._tags() if self.storage.exists(f"{t}/{COMPLETE}")]
 

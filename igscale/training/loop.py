@@ -174,7 +174,7 @@ class Trainer:
                 return EXIT_PREEMPTED
             if st.step % cfg.checkpoint.every_steps == 0 and st.step < self.total_steps:
                 self.save()
-        if self.ckpt.latest_tag() != f"step_{st.step:09d}":
+        if not self.ckpt.latest_is(st.step):
             self.save()
         self.metrics.flush()
         return EXIT_OK
