@@ -31,6 +31,7 @@ from igscale.eval.labels import make_labels
 from igscale.eval.npz import write_npz_streaming
 from igscale.io.storage import Storage, is_s3_url, open_storage
 from igscale.ops.linear import batch_invariant
+from igscale.vae import quantize
 
 __all__ = ["GenerationConfig", "chunk_key", "generate", "assemble", "latents_to_uint8", "JOB_FILE", "SAMPLES_NPZ"]
 
@@ -72,7 +73,7 @@ def chunk_key(k: int) -> str:
 
 def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
     """Identity 'decode' for latent-space runs: (B, C, H, W) in ~[-1, 1] -> uint8 NHWC, VA-VAE rounding."""
-    return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return quantize(x.float(), "vavae").numpy()
 
 
 def _job_identity(cfg: GenerationConfig, settings: dict) -> dict:
