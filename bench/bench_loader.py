@@ -1,17 +1,26 @@
 """Loader throughput from a local SeaweedFS S3 server vs raw S3 GET of the same shards, in one run.
 
-Writes synthetic latent shards (SD-VAE 256px layout: mean+std, 4x32x32 float32, ~33 KB/sample) + manifest,
-then measures (a) raw GET MB/s: the same shards streamed with boto3 by `workers` parallel readers, (b) the
-LatentLoader (webdataset + boto3 stream handler, shuffle buffer, posterior sampling, normalisation, batching)
-with `workers` DataLoader workers. Alternates (a) and (b) `--repeats` times and reports medians.
+Writes synthetic latent shards in the two stored layouts, each with a manifest:
+  * SiT recipe: posterior mean+std, 4x32x32 float32 (SD-VAE 256px), ~33 KB/sample;
+  * LightningDiT recipe: sample + mirrored sample, 32x16x16 bfloat16 (VA-VAE f16d32 256px), ~33 KB/sample.
+Each repeat measures raw GET MB/s (the shards streamed by `workers` boto3 readers, nothing else) and then one
+LatentLoader epoch per configuration, `workers` workers each, batch `--batch`, shuffle window 1000:
+  * finish_on="device" (the trainer's default on CUDA): the workers read, parse, shuffle, batch and (sample_flip)
+    choose sample or mirror; the batch carries the stored latents (+ a noise seed) and `LatentLoader.to_device`
+    draws the posterior sample and normalises on the training GPU, so that step is not loader work here;
+  * finish_on="workers": the workers also draw the posterior (4096 Gaussians per sample on CPU) and normalise
+    to float32, with thread and with process (torch DataLoader) workers.
+Reports medians over repeats of samples/s and MB/s for the whole epoch (incl. worker start and the first
+shuffle-window fill) and after the first batch, and the ratio to raw GET measured in the same repeat.
 
-    python bench/bench_loader.py [--shards 8] [--per-shard 500] [--workers 2] [--batch 256] [--repeats 3]
+    python bench/bench_loader.py [--shards 16] [--per-shard 2000] [--workers 2] [--batch 256] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -25,8 +34,14 @@ from igscale.io.local_s3 import start_s3_server
 from igscale.io.shard_format import FORMAT, encode_array, sample_key, shard_key, write_tar
 from igscale.io.storage import S3Storage
 
+LAYOUTS = {  # mode -> (fields, shape, stored dtype, vae kind)
+    "mean_std": (("mean", "std"), (4, 32, 32), "float32", "sd-vae"),
+    "sample_flip": (("latent", "flip"), (32, 16, 16), "bfloat16", "va-vae"),
+}
 
-def write_dataset(store: S3Storage, shards: int, per_shard: int) -> int:
+
+def write_dataset(store: S3Storage, shards: int, per_shard: int, mode: str = "mean_std") -> int:
+    fields, shape, dtype, vae = LAYOUTS[mode]
     g = torch.Generator().manual_seed(0)
     total = 0
     recs = []
@@ -34,20 +49,19 @@ def write_dataset(store: S3Storage, shards: int, per_shard: int) -> int:
         samples = []
         for i in range(per_shard):
             idx = k * per_shard + i
-            mean = torch.randn(4, 32, 32, generator=g)
-            std = torch.rand(4, 32, 32, generator=g) * 0.1
+            a, b = torch.randn(shape, generator=g), torch.rand(shape, generator=g) * 0.1
             samples.append({"__key__": sample_key(idx), "cls": str(idx % 1000).encode(),
-                            "mean.npy": encode_array(mean, "float32"), "std.npy": encode_array(std, "float32")})
+                            f"{fields[0]}.npy": encode_array(a, dtype), f"{fields[1]}.npy": encode_array(b, dtype)})
         data = write_tar(samples)
         store.put_bytes(shard_key(k), data)
         total += len(data)
         recs.append({"key": shard_key(k), "url": store.url(shard_key(k)), "count": per_shard,
                      "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "first_index": k * per_shard,
                      "last_index": (k + 1) * per_shard - 1})
-    manifest = {"format": FORMAT, "num_samples": shards * per_shard, "mode": "mean_std", "fields": ["mean", "std"],
-                "latent": {"shape": [4, 32, 32], "dtype": "float32"},
-                "vae": {"kind": "sd-vae", "scaling_factor": 0.18215},
-                "latent_stats": {"mean": [0.0] * 4, "std": [1.0] * 4}, "shards": recs}
+    manifest = {"format": FORMAT, "num_samples": shards * per_shard, "mode": mode, "fields": list(fields),
+                "latent": {"shape": list(shape), "dtype": dtype},
+                "vae": {"kind": vae, "scaling_factor": 0.18215},
+                "latent_stats": {"mean": [0.0] * shape[0], "std": [1.0] * shape[0]}, "shards": recs}
     store.put_text("manifest.json", json.dumps(manifest))
     return total
 
@@ -66,11 +80,10 @@ def raw_get(store: S3Storage, keys: list[str], workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def loader_epoch(url: str, endpoint: str, workers: int, batch: int, epoch: int) -> tuple[float, float, int, int]:
-    """Returns (seconds for the whole epoch, seconds after the first batch, samples, samples after the first).
-    The first batch waits for worker start-up and the shuffle-buffer fill, so the split is only a latency figure."""
+def loader_epoch(url: str, endpoint: str, workers: int, batch: int, epoch: int, **kw) -> tuple[float, float, int, int]:
+    """Returns (seconds for the whole epoch, seconds after the first batch, samples, samples after the first)."""
     ld = LatentLoader(url, batch_size=batch, rank=0, world_size=1, num_workers=workers, shuffle_buffer=1000,
-                      endpoint_url=endpoint)
+                      endpoint_url=endpoint, **kw)
     ld.load_state_dict({**ld.state_dict(), "epoch": epoch})
     t = time.perf_counter()
     it = iter(ld)
@@ -81,43 +94,61 @@ def loader_epoch(url: str, endpoint: str, workers: int, batch: int, epoch: int) 
     return t2 - t, t2 - t1, n, n - n0
 
 
+CONFIGS = {  # name -> (dataset mode, LatentLoader keywords)
+    "mean_std, finish on device": ("mean_std", {"finish_on": "device"}),
+    "sample_flip, finish on device": ("sample_flip", {"finish_on": "device"}),
+    "mean_std, finish in workers": ("mean_std", {"finish_on": "workers"}),
+    "sample_flip, finish in workers": ("sample_flip", {"finish_on": "workers"}),
+    "mean_std, finish in workers, process workers": ("mean_std", {"worker_type": "process"}),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--per-shard", type=int, default=500)
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--per-shard", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    res: dict[str, list[tuple[float, ...]]] = {name: [] for name in CONFIGS}
+    raws: dict[str, list[float]] = {mode: [] for mode in LAYOUTS}
     with tempfile.TemporaryDirectory() as d:
         server = start_s3_server(Path(d))
         try:
-            import os
-
             os.environ.update(server.env)
             bucket = server.create_bucket("bench")
-            store = S3Storage(bucket, "latents", endpoint_url=server.endpoint_url)
-            total = write_dataset(store, a.shards, a.per_shard)
+            stores = {mode: S3Storage(bucket, mode, endpoint_url=server.endpoint_url) for mode in LAYOUTS}
+            totals = {mode: write_dataset(stores[mode], a.shards, a.per_shard, mode) for mode in LAYOUTS}
             keys = [shard_key(k) for k in range(a.shards)]
-            raw_get(store, keys, a.workers)  # warm server caches for both sides alike
-            raws, lds = [], []
+            for mode in LAYOUTS:
+                raw_get(stores[mode], keys, a.workers)  # warm server caches for both sides alike
             for r in range(a.repeats):
-                raws.append(raw_get(store, keys, a.workers))
-                dt, dt_steady, n, n_steady = loader_epoch(f"s3://{bucket}/latents/manifest.json",
-                                                          server.endpoint_url, a.workers, a.batch, r)
-                assert n == a.shards * a.per_shard
-                lds.append((n / dt, total / dt, dt - dt_steady))
+                for name, (mode, kw) in CONFIGS.items():
+                    raw = raw_get(stores[mode], keys, a.workers)
+                    raws[mode].append(raw)
+                    dt, dt_steady, n, n_steady = loader_epoch(f"s3://{bucket}/{mode}/manifest.json",
+                                                              server.endpoint_url, a.workers, a.batch, r, **kw)
+                    assert n == a.shards * a.per_shard
+                    mbs, mbs_steady = totals[mode] / dt, totals[mode] * n_steady / n / dt_steady
+                    res[name].append((n / dt, mbs, n_steady / dt_steady, mbs_steady, mbs / raw, mbs_steady / raw,
+                                      dt - dt_steady))
         finally:
             server.stop()
-    raw = statistics.median(raws)
-    sps, mbs, first = (statistics.median(x[i] for x in lds) for i in range(3))
-    print(f"{a.shards} shards x {a.per_shard} samples (mean+std 4x32x32 fp32), {total / 1e6:.1f} MB, "
-          f"{a.workers} workers, batch {a.batch}, median of {a.repeats}")
-    print("| path | samples/s | MB/s |\n|---|---|---|")
-    print(f"| raw boto3 GET ({a.workers} streams) | - | {raw / 1e6:.1f} |")
-    print(f"| LatentLoader ({a.workers} workers), whole epoch | {sps:.0f} | {mbs / 1e6:.1f} |")
-    print(f"ratio loader / raw GET: {mbs / raw:.2f}; time to first batch (worker start + shuffle-buffer fill): "
-          f"{first:.2f} s")
+    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    print(f"{a.shards} shards x {a.per_shard} samples per layout ({totals['mean_std'] / 1e6:.0f} MB and "
+          f"{totals['sample_flip'] / 1e6:.0f} MB), {a.workers} workers, batch {a.batch}, shuffle window 1000, "
+          f"median of {a.repeats}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    print("| path | whole epoch samples/s | MB/s | ratio to raw GET | after 1st batch samples/s | MB/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in LAYOUTS:
+        print(f"| raw boto3 GET, {mode} shards ({a.workers} streams) | - | "
+              f"{statistics.median(raws[mode]) / 1e6:.0f} | 1 | - | - | - |")
+    for name, xs in res.items():
+        print(f"| LatentLoader: {name} | {med(xs, 0):.0f} | {med(xs, 1) / 1e6:.0f} | {med(xs, 4):.2f} | "
+              f"{med(xs, 2):.0f} | {med(xs, 3) / 1e6:.0f} | {med(xs, 5):.2f} |")
+    print("time to first batch (worker start + first shuffle window): "
+          + ", ".join(f"{name}: {med(xs, 6):.2f} s" for name, xs in list(res.items())[:2]))
 
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ class LatentNorm:
 
     def _b(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         t = t.to(device=z.device, dtype=z.dtype)
-        return t.view(-1, 1, 1) if t.ndim == 1 else t
+        return t.view(-1, 1, 1)  # (C,1,1) or (1,1,1): a sized operand, so bf16 z promotes to float32
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:  # (..., C, H, W)
         return (z - self._b(self.shift, z)) * self._b(self.scale, z)
@@ -293,6 +293,11 @@ class LatentNorm:
     def normalize_(self, z: torch.Tensor) -> torch.Tensor:
         """In-place normalize (loader hot path)."""
         return z.sub_(self._b(self.shift, z)).mul_(self._b(self.scale, z))
+
+    def normalize_from(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """normalize(z) written into `out` (any float z dtype; out's dtype), two passes (loader hot path)."""
+        torch.sub(z, self._b(self.shift, out), out=out)
+        return out.mul_(self._b(self.scale, out))
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z / self._b(self.scale, z) + self._b(self.shift, z)

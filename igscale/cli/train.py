@@ -140,7 +140,9 @@ def _run(cfg) -> int:
         loader = LatentLoader(cfg.data.manifest_url, batch_size=micro, rank=rank, world_size=world,
                               num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                               shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
-                              on_corrupt=cfg.data.on_corrupt)
+                              on_corrupt=cfg.data.on_corrupt, worker_type=cfg.data.worker_type,
+                              finish_on=(("device" if device.type == "cuda" else "workers")
+                                            if cfg.data.finish_on == "auto" else cfg.data.finish_on))
         if tuple(loader.latent_shape) != tuple(model_config.latent_shape):
             raise ConfigError(f"data latents have shape {tuple(loader.latent_shape)} but model "
                               f"{cfg.model.name} expects {tuple(model_config.latent_shape)}")

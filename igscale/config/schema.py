@@ -40,12 +40,19 @@ class DataSection:
     endpoint_url: str | None = None
     """S3 endpoint; None reads S3_ENDPOINT_URL from the environment."""
     num_workers: int = 2
+    """Loader workers per rank (0: read in the training thread)."""
+    worker_type: Literal["thread", "process"] = "thread"
+    """thread: workers share the process (the hot path releases the GIL; no IPC copy). process: DataLoader."""
     shuffle_buffer: int = 1000
+    """Samples per shuffle window (each window is emitted in a uniformly random order)."""
+    finish_on: Literal["auto", "workers", "device"] = "auto"
+    """Where batches are finished (the SiT-recipe posterior draw, normalisation to float32): in the loader
+    workers (CPU) or on the training device after the copy. auto: the device when it is a GPU."""
     on_corrupt: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self):
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("num_workers and shuffle_buffer must be >= 0")
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("num_workers must be >= 0 and shuffle_buffer >= 1")
 
 
 @dataclass(kw_only=True)

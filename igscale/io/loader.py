@@ -29,9 +29,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from igscale.io.shard_format import FIELDS, MANIFEST, decode_stack, iter_tar_samples
+from igscale.io.shard_format import FIELDS, MANIFEST, torch_dtype
+from igscale.io.shard_reader import SampleBlock, read_sample_blocks
 from igscale.io.storage import is_s3_url, open_storage
-from igscale.seeding import GOLDEN, MIX1, MIX2, splitmix64
+from igscale.seeding import GOLDEN, MASK64, MIX1, MIX2, splitmix64, splitmix64_np
 from igscale.vae import LatentNorm
 
 __all__ = ["LatentLoader", "ShardReadError", "register_s3_gopen", "epoch_shard_order", "assign_shards",
@@ -95,29 +96,69 @@ def _mix(seed: int, epoch: int, key: int) -> int:
     return splitmix64(seed * GOLDEN + epoch * MIX1 + key * MIX2) >> 1
 
 
+def _chunk_seed(seed: int, epoch: int, rank: int, worker: int, chunk: int) -> int:
+    """Generator seed of one chunk's posterior noise: a pure function of the chunk's place in the stream."""
+    return splitmix64(_mix(seed, epoch, rank) * GOLDEN + worker * MIX1 + chunk * MIX2) >> 1
+
+
+def _mix_many(seed: int, epoch: int, keys: np.ndarray) -> np.ndarray:
+    """_mix for an array of keys -> (n,) uint64 (equal to [_mix(seed, epoch, k) for k in keys])."""
+    base = np.uint64((seed * GOLDEN + epoch * MIX1) & MASK64)
+    with np.errstate(over="ignore"):
+        return splitmix64_np(keys.astype(np.uint64) * np.uint64(MIX2) + base) >> np.uint64(1)
+
+
+class _Recycler:
+    """Output buffers that go back into use once the consumer has dropped every view of them (the storage's use
+    count is back to the pool's own two references). A fresh multi-MB buffer per batch costs a page fault per
+    4 KiB, which on VMs costs more than filling it. Buffers are handed out only as views (`get(n)` = buf[:n]),
+    so a consumer always holds a reference of its own. Off for process workers: pickling moves a storage to
+    shared memory that the main process keeps reading."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, enabled: bool):
+        self.shape, self.dtype = shape, dtype
+        self.enabled = enabled and hasattr(torch._C, "_storage_Use_Count")
+        self.bufs: list[tuple[torch.Tensor, Any]] = []
+
+    def get(self, n: int) -> torch.Tensor:
+        if self.enabled:
+            for t, st in self.bufs:
+                if torch._C._storage_Use_Count(st._cdata) == 2:  # this tensor + this storage wrapper
+                    return t[:n]
+        t = torch.empty(self.shape, dtype=self.dtype)
+        if self.enabled and len(self.bufs) < 64:
+            self.bufs.append((t, t.untyped_storage()))
+        return t[:n]
+
+
 class _EpochStream(torch.utils.data.IterableDataset):
+    """One logical worker's epoch: its shards -> shuffle windows -> chunks of batch_size (see the module doc).
+
+    Shuffle: the sample stream is cut into windows of `shuffle_buffer` samples and each window is emitted in a
+    uniformly random order (the last window may be short). Samples are written straight to their output row
+    in a staging array as they are parsed, so a sample is copied once between the read buffer and its batch."""
+
     def __init__(self, spec: dict, epoch: int, offset: int, skips: list[int]):
         super().__init__()
         self.spec, self.epoch, self.offset, self.skips = spec, epoch, offset, skips
 
-    def _samples(self, shards: list[int], corrupt: list[str]) -> Iterator[dict]:
+    def _blocks(self, shards: list[int], corrupt: list[str]) -> Iterator[SampleBlock]:
         import importlib
 
         gopen = importlib.import_module("webdataset.gopen").gopen  # s3:// -> our boto3 stream handler
         sp = self.spec
-        need = [f"{f}.npy" for f in sp["fields"]] + ["cls"]
         for k in shards:
             info = sp["shards"][k]
             url = f"{sp['base']}/{info['key']}"
             n = 0
             try:
                 with gopen(url, "rb") as stream:
-                    for s in iter_tar_samples(stream):
-                        missing = [f for f in need if f not in s]
-                        if missing:  # a tar cut mid-sample yields a sample without all of its members
-                            raise ShardReadError(f"sample {s.get('__key__')!r} lacks {missing}")
-                        n += 1
-                        yield s
+                    for b in read_sample_blocks(stream, sp["fields"]):
+                        if b.arrays[0].shape[1:] != sp["shape"] or b.arrays[0].dtype != sp["np_dtype"]:
+                            raise ShardReadError(f"latents of shape {b.arrays[0].shape[1:]} {b.arrays[0].dtype}, "
+                                                 f"manifest says {sp['shape']} {sp['np_dtype']}")
+                        n += len(b.keys)
+                        yield b
                 if n != info["count"]:
                     raise ShardReadError(f"expected {info['count']} samples, read {n}")
             except Exception as e:  # noqa: BLE001 - any read/parse failure is reported with the shard URL
@@ -125,70 +166,196 @@ class _EpochStream(torch.utils.data.IterableDataset):
                     raise ShardReadError(f"corrupt or truncated shard {url}: {type(e).__name__}: {e}") from None
                 corrupt.append(url)
 
-    def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        size = self.spec["shuffle_buffer"]
-        buf: list[dict] = []
-        for s in it:
-            buf.append(s)
-            if len(buf) >= size:
-                j = int(rng.integers(len(buf)))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        while buf:
-            j = int(rng.integers(len(buf)))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
-
-    def _decode(self, chunk: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stored(self, raw: torch.Tensor, keys: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """raw: (B, 2, C, h, w) stored pairs -> what a batch carries before finishing: the pair itself for
+        mean_std; for sample_flip the stored sample or its mirror, with probability 1/2 each per (epoch, key),
+        gathered into out ((B, C, h, w), stored dtype)."""
         sp = self.spec
-        f0, f1 = sp["fields"]
-        a = decode_stack([s[f"{f0}.npy"] for s in chunk], sp["dtype"])  # (B, C, h, w)
-        b = decode_stack([s[f"{f1}.npy"] for s in chunk], sp["dtype"])
-        keys = [int(s["__key__"]) for s in chunk]
-        g = self._gen
-        if sp["mode"] == "mean_std":  # SiT recipe: a fresh posterior sample every time the sample is read
-            eps = torch.empty_like(a)
-            for i, k in enumerate(keys):
-                g.manual_seed(_mix(sp["seed"], self.epoch, k))
-                torch.randn(a.shape[1:], generator=g, out=eps[i])
-            z = eps.mul_(b).add_(a)  # in place: fresh multi-MB tensors cost page faults
-        else:  # LightningDiT recipe: the stored sample or its mirror, with probability 1/2 each
-            flips = []
-            for k in keys:
-                g.manual_seed(_mix(sp["seed"], self.epoch, k))
-                flips.append(bool(torch.rand((), generator=g) < 0.5))
-            z = torch.where(torch.tensor(flips).view(-1, 1, 1, 1), b, a)
-        z = sp["norm"].normalize_(z)
-        labels = torch.tensor([int(s["cls"]) for s in chunk], dtype=torch.int64)
-        return z, labels, torch.tensor(keys, dtype=torch.int64)
+        if sp["mode"] == "mean_std":
+            return raw
+        flip = (_mix_many(sp["seed"], self.epoch, keys) >> np.uint64(40)) & np.uint64(1)
+        rows = torch.from_numpy((np.arange(len(keys)) * 2 + flip).astype(np.int64))
+        return torch.index_select(raw.flatten(0, 1), 0, rows, out=out)
 
     def __iter__(self):
+        wi = torch.utils.data.get_worker_info()
+        if wi is not None:
+            torch.set_num_threads(1)
+        return self.stream(wi.id if wi else 0)
+
+    def stream(self, worker_id: int) -> Iterator[dict]:
+        """Chunks of physical worker `worker_id` (logical worker (worker_id + offset) mod num_workers)."""
+        import warnings
+
         sp = self.spec
         register_s3_gopen(sp["endpoint_url"])
-        self._gen = torch.Generator()  # re-seeded per sample: noise depends only on (seed, epoch, key)
-        wi = torch.utils.data.get_worker_info()
+        # Shard bytes are read-only; the tensors made from them are only read.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self._gen = torch.Generator()
         n_workers = sp["num_workers"]
-        w = ((wi.id if wi else 0) + self.offset) % n_workers
-        torch.set_num_threads(1) if wi else None
+        w = (worker_id + self.offset) % n_workers
         shards = assign_shards(epoch_shard_order(len(sp["shards"]), sp["seed"], self.epoch),
                                sp["rank"], sp["world_size"], n_workers)[w]
         corrupt: list[str] = []
         rng = np.random.default_rng([sp["seed"], self.epoch, sp["rank"], w, 0x5B])
-        chunk, c, bs = [], 0, sp["batch_size"]
-        for s in self._shuffled(self._samples(shards, corrupt), rng):
-            chunk.append(s)
-            if len(chunk) == bs:
-                if c >= self.skips[w]:
-                    z, y, k = self._decode(chunk)
-                    yield {"latent": z, "label": y, "key": k, "_worker": w, "_chunk": c, "_tail": False,
-                           "_corrupt": list(corrupt)}
-                chunk, c = [], c + 1
-        if chunk and c >= self.skips[w]:
-            z, y, k = self._decode(chunk)
-            yield {"latent": z, "label": y, "key": k, "_worker": w, "_chunk": c, "_tail": True, "_corrupt": list(corrupt)}
-        elif corrupt:  # nothing left to send but the main process must still learn about skipped shards
-            yield {"latent": None, "label": None, "key": None, "_worker": w, "_chunk": c - 1, "_tail": None,
+        bs, win, skip = sp["batch_size"], sp["shuffle_buffer"], self.skips[w]
+        dtype = torch_dtype(sp["dtype"])
+        on_device = sp["finish_on"] == "device"
+        chosen_bufs = _Recycler((bs, *sp["shape"]), dtype, sp["recycle"])
+        moment_bufs = _Recycler((bs, 2, *sp["shape"]), dtype, sp["recycle"])
+        latent_bufs = _Recycler((bs, *sp["shape"]), torch.float32, sp["recycle"])
+        # Open chunks: chunk c holds stream positions [c*bs, (c+1)*bs) as (bs, 2, C, h, w) stored pairs, written
+        # in place as samples arrive (its numpy view in the stored dtype), plus their keys and labels.
+        chunks: dict[int, tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = {}
+        start, j, perm = 0, 0, rng.permutation(win)  # this window covers positions [start, start + win)
+        sent = 0  # corrupt shards already reported with a chunk
+
+        def chunk(c: int):
+            if c not in chunks:
+                t = moment_bufs.get(bs)
+                a = (t.view(torch.uint16) if sp["dtype"] == "bfloat16" else t).numpy()
+                chunks[c] = (t, a, np.empty(bs, np.int64), np.empty(bs, np.int64))
+            return chunks[c]
+
+        def place(pos: np.ndarray, keys: np.ndarray, labels: np.ndarray, arrays: list[np.ndarray]) -> None:
+            c_of, r_of = np.divmod(pos, bs)
+            for c in np.unique(c_of).tolist():
+                if c < skip:  # delivered before a resume: not even copied
+                    continue
+                sel = np.flatnonzero(c_of == c)
+                whole = len(sel) == len(pos)
+                r = r_of if whole else r_of[sel]
+                _, a, k, lab = chunk(c)
+                k[r], lab[r] = (keys, labels) if whole else (keys[sel], labels[sel])
+                for f, arr in enumerate(arrays):
+                    a[r, f] = arr if whole else arr[sel]
+
+        def emit(end: int, last: bool) -> Iterator[dict]:
+            """Yield the chunks that are complete once positions below `end` are final."""
+            nonlocal sent
+            for c in sorted(chunks):
+                n = min(bs, end - c * bs)
+                if n < bs and not last:
+                    break
+                t, _, k, lab = chunks.pop(c)
+                item = {"label": lab[:n].copy(), "key": k[:n].copy(), "_worker": w, "_chunk": c, "_tail": n < bs,
+                        "_corrupt": list(corrupt)}
+                seed = _chunk_seed(sp["seed"], self.epoch, sp["rank"], w, c)
+                stored = self._stored(t[:n], k[:n], chosen_bufs.get(n))
+                if on_device:  # finished by LatentLoader.to_device
+                    item.update(stored=stored, noise_seed=seed)
+                else:
+                    item["latent"] = finish_stored(stored, seed, sp["norm"], out=latent_bufs.get(n))
+                del t
+                sent = len(corrupt)
+                yield item
+
+        for block in self._blocks(shards, corrupt):
+            lo = 0
+            while lo < len(block.keys):
+                hi = min(len(block.keys), lo + win - j)
+                place(start + perm[j:j + hi - lo], block.keys[lo:hi], block.labels[lo:hi],
+                      [x[lo:hi] for x in block.arrays])
+                j += hi - lo
+                lo = hi
+                if j == win:
+                    yield from emit(start + win, last=False)
+                    start, j, perm = start + win, 0, rng.permutation(win)
+        if j:  # a short last window: its samples sit at start + perm[:j]; close the gaps, order kept
+            old = start + np.sort(perm[:j])
+            moved = [(p, q) for p, q in zip(old.tolist(), range(start, start + j)) if p != q]
+            if moved:
+                src, dst = np.array([p for p, _ in moved]), np.array([q for _, q in moved])
+                rows = []
+                for p in src.tolist():  # read every moved row before writing any (targets may be sources)
+                    c, r = divmod(p, bs)
+                    if c >= skip:
+                        _, a, k, lab = chunks[c]
+                        rows.append((a[r].copy(), k[r], lab[r]))
+                    else:
+                        rows.append(None)
+                for q, row in zip(dst.tolist(), rows):
+                    c, r = divmod(q, bs)
+                    if row is not None and c >= skip:
+                        _, a, k, lab = chunk(c)
+                        a[r], k[r], lab[r] = row
+            for c in [c for c in chunks if c * bs >= start + j]:  # chunks now past the stream's end
+                del chunks[c]
+        yield from emit(start + j, last=True)
+        if len(corrupt) > sent:  # shards skipped after the last chunk sent: the main process must learn of them
+            yield {"latent": None, "label": None, "key": None, "_worker": w, "_chunk": skip - 1, "_tail": None,
                    "_corrupt": list(corrupt)}
+
+
+def finish_stored(stored: torch.Tensor, noise_seed: int, norm: LatentNorm,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch's stored latents (any device) -> (B, C, h, w) float32 normalised model latents.
+
+    stored (B, 2, C, h, w) = posterior mean and std (SiT recipe): mean + std * eps, eps from a generator on
+    stored's device seeded with noise_seed (the same numbers in the workers and in to_device on CPU; the
+    device's own generator on CUDA). stored (B, C, h, w): an already chosen sample (LightningDiT recipe)."""
+    shape = stored.shape[:1] + stored.shape[2:] if stored.dim() == 5 else stored.shape
+    if out is None:
+        out = torch.empty(shape, device=stored.device)
+    if stored.dim() != 5:
+        return norm.normalize_from(stored, out)
+    g = torch.Generator(device=stored.device)
+    g.manual_seed(noise_seed)
+    torch.randn(shape, generator=g, device=stored.device, out=out)
+    return norm.normalize_(out.mul_(stored[:, 1]).add_(stored[:, 0]))
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+_END = object()
+
+
+def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
+    """Run each worker stream in a thread and take their items round-robin, dropping finished workers: the
+    order torch's in-order DataLoader gives process workers. The hot work (socket reads, numpy, torch)
+    releases the GIL, and threads share one boto3 client and reuse their memory."""
+    import queue
+    import threading
+
+    stop = threading.Event()
+    queues = [queue.Queue(maxsize=prefetch) for _ in streams]
+
+    def pump(it: Iterator[dict], q: queue.Queue) -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    threads = [threading.Thread(target=pump, args=(it, q), daemon=True, name=f"latent-loader-{i}")
+               for i, (it, q) in enumerate(zip(streams, queues))]
+    for t in threads:
+        t.start()
+    try:
+        active = list(range(len(streams)))
+        while active:
+            for i in list(active):
+                item = queues[i].get()
+                if item is _END:
+                    active.remove(i)
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -199,11 +366,18 @@ class LatentLoader:
     def __init__(self, manifest_url: str, *, batch_size: int, rank: int, world_size: int, num_workers: int = 2,
                  seed: int = 0, shuffle_buffer: int = 1000, endpoint_url: str | None = None,
                  on_corrupt: Literal["raise", "skip"] = "raise",
-                 norm: Literal["auto", "scalar", "per_channel"] | LatentNorm = "auto", return_keys: bool = False):
+                 norm: Literal["auto", "scalar", "per_channel"] | LatentNorm = "auto", return_keys: bool = False,
+                 worker_type: Literal["thread", "process"] = "thread",
+                 finish_on: Literal["workers", "device"] = "workers"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if batch_size <= 0 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError("batch_size must be > 0, num_workers >= 0, shuffle_buffer >= 1")
+        if worker_type not in ("thread", "process"):
+            raise ValueError(f"worker_type must be 'thread' or 'process', got {worker_type!r}")
+        self.worker_type = worker_type
+        if finish_on not in ("workers", "device"):
+            raise ValueError(f"finish_on must be 'workers' or 'device', got {finish_on!r}")
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
@@ -221,7 +395,9 @@ class LatentLoader:
             "fields": FIELDS[m["mode"]], "mode": m["mode"], "dtype": m["latent"]["dtype"], "seed": seed,
             "shuffle_buffer": shuffle_buffer, "batch_size": batch_size, "num_workers": max(1, num_workers),
             "rank": rank, "world_size": world_size, "on_corrupt": on_corrupt, "endpoint_url": endpoint_url,
-            "norm": self.norm,
+            "norm": self.norm, "shape": tuple(m["latent"]["shape"]), "finish_on": finish_on,
+            "recycle": worker_type == "thread" or num_workers == 0,
+            "np_dtype": np.dtype(np.uint16 if m["latent"]["dtype"] == "bfloat16" else m["latent"]["dtype"]),
         }
         self.return_keys = return_keys  # also yield "key": (B,) int64 source-image indices (tests, debugging)
         self.corrupt_shards: set[str] = set()
@@ -276,13 +452,38 @@ class LatentLoader:
     def _items(self, skips: list[int], offset: int) -> Iterator[dict]:
         ds = _EpochStream(self._spec, self.epoch, offset, skips)
         if self.num_workers == 0:
-            yield from ds
-            return
-        yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                               prefetch_factor=4, in_order=True)
+            yield from ds.stream(0)
+        elif self.worker_type == "thread":
+            yield from _threaded([ds.stream(i) for i in range(self.num_workers)], prefetch=4)
+        else:
+            yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                                   prefetch_factor=4, in_order=True, collate_fn=_identity)
 
-    def _out(self, z: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"latent": z, "label": y, "key": k} if self.return_keys else {"latent": z, "label": y}
+    def _out(self, z: torch.Tensor | None, y: np.ndarray, k: np.ndarray, stored: torch.Tensor | None = None,
+             noise_seed: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": torch.from_numpy(y)}
+        if stored is None:
+            out["latent"] = z
+        else:
+            out.update(stored=stored, noise_seed=noise_seed)
+        if self.return_keys:
+            out["key"] = torch.from_numpy(k)
+        return out
+
+    def to_device(self, batch: dict[str, Any], device: torch.device | str,
+                  non_blocking: bool = True) -> dict[str, torch.Tensor]:
+        """A batch on `device` as {"latent": (B,C,h,w) float32, "label": (B,) int64 (, "key")}. With
+        finish_on="device" this is where the batch is finished: the posterior sample drawn (from the batch's noise
+        seed) and the latents normalised, on the device; otherwise it is a copy."""
+        out = {"label": batch["label"].to(device, non_blocking=non_blocking)}
+        if "stored" in batch:
+            out["latent"] = finish_stored(batch["stored"].to(device, non_blocking=non_blocking),
+                                          batch["noise_seed"], self.norm)
+        else:
+            out["latent"] = batch["latent"].to(device, torch.float32, non_blocking=non_blocking)
+        if "key" in batch:
+            out["key"] = batch["key"]
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         n = self._spec["num_workers"]
@@ -303,12 +504,19 @@ class LatentLoader:
                 continue
             self._received[w] = item["_chunk"] + 1
             self._last_worker = w
-            yield self._out(item["latent"], item["label"], item["key"])
-        # Epoch end: held tails, concatenated in worker order, re-cut into batches.
+            if "stored" in item:
+                yield self._out(None, item["label"], item["key"], item["stored"], item["noise_seed"])
+            else:
+                yield self._out(item["latent"], item["label"], item["key"])
+        # Epoch end: held tails, concatenated in worker order, re-cut into batches (sampled here: the rows of a
+        # re-cut batch come from chunks with different noise seeds).
+        for t in tails.values():
+            if "stored" in t:
+                t["latent"] = finish_stored(t.pop("stored"), t["noise_seed"], self.norm)
         if tails:
             z = torch.cat([tails[w]["latent"] for w in sorted(tails)])
-            y = torch.cat([tails[w]["label"] for w in sorted(tails)])
-            k = torch.cat([tails[w]["key"] for w in sorted(tails)])
+            y = np.concatenate([tails[w]["label"] for w in sorted(tails)])
+            k = np.concatenate([tails[w]["key"] for w in sorted(tails)])
             for i in range(self._tail_batches * self.batch_size, len(y), self.batch_size):
                 self._tail_batches += 1
                 sl = slice(i, i + self.batch_size)

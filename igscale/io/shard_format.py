@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT", "MODES", "DTYPES", "FIELDS", "shard_key", "sidecar_key", "encode_array", "decode_array", "decode_stack",
-           "write_tar", "iter_tar_samples", "TarFormatError", "torch_dtype"]
+           "write_tar", "iter_tar_samples", "npy_view", "TarFormatError", "torch_dtype"]
 
 FORMAT = "igscale-latents/1"
 MODES = ("mean_std", "sample_flip")
@@ -56,7 +56,7 @@ def encode_array(t: torch.Tensor, dtype: str) -> bytes:
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple, int]] = {}
 
 
-def _npy_view(data: bytes) -> np.ndarray:
+def npy_view(data: bytes) -> np.ndarray:
     """Parse .npy bytes. Every sample of a dataset has the same header, so it is parsed once (np.load's header
     parser costs more than the copy) and the payload is viewed in place."""
     hlen = 10 + int.from_bytes(data[8:10], "little") if data[6:7] == b"\x01" else None
@@ -72,7 +72,7 @@ def _npy_view(data: bytes) -> np.ndarray:
 
 def decode_array(data: bytes, dtype: str) -> torch.Tensor:
     """.npy bytes -> float32 tensor."""
-    arr = _npy_view(data)
+    arr = npy_view(data)
     if dtype == "bfloat16":
         return torch.from_numpy(arr.astype(np.uint16, copy=False).copy()).view(torch.bfloat16).float()
     return torch.from_numpy(arr.copy()).float()
@@ -80,7 +80,7 @@ def decode_array(data: bytes, dtype: str) -> torch.Tensor:
 
 def decode_stack(items: list[bytes], dtype: str) -> torch.Tensor:
     """N .npy payloads of one shape -> (N, ...) float32 tensor (one copy)."""
-    arr = np.stack([_npy_view(d) for d in items])
+    arr = np.stack([npy_view(d) for d in items])
     if dtype == "bfloat16":
         return torch.from_numpy(arr.astype(np.uint16, copy=False)).view(torch.bfloat16).float()
     return torch.from_numpy(arr).float()

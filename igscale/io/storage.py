@@ -396,24 +396,28 @@ class _S3RangeResumingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: Any) -> int:
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes as the HTTP layer returns them (no copy into a caller buffer)."""
         if self.length is not None and self.pos >= self.length:
-            return 0
+            return b""
         for attempt in range(self.s.max_attempts):
             try:
-                chunk = self.body.read(len(b))
+                chunk = self.body.read(None if size is None or size < 0 else size)
                 break
             except Exception as e:  # noqa: BLE001
                 if not _is_retryable(e) or attempt == self.s.max_attempts - 1:
                     raise
                 time.sleep(min(self.s.max_delay, self.s.base_delay * 2**attempt))
                 self.open_at(self.pos)
-        n = len(chunk)
-        if n == 0 and self.pos < (self.length or 0):
+        if not chunk and self.pos < (self.length or 0):
             raise ConnectionError(f"s3://{self.s.bucket}/{self.key}: stream ended at {self.pos} of {self.length}")
-        b[:n] = chunk
-        self.pos += n
-        return n
+        self.pos += len(chunk)
+        return chunk
+
+    def readinto(self, b: Any) -> int:
+        chunk = self.read(len(b))
+        b[:len(chunk)] = chunk
+        return len(chunk)
 
     def close(self) -> None:
         if self.body is not None:

@@ -114,9 +114,12 @@ class Trainer:
             if self._data is None:
                 self._data = iter(self.loader)
             try:
-                out.append(next(self._data))
+                batch = next(self._data)
             except StopIteration:  # end of an epoch: the loader starts the next one
                 self._data = None
+                continue
+            # the loader finishes its batches on the device (posterior sampling there, if configured)
+            out.append(self.loader.to_device(batch, self.device) if hasattr(self.loader, "to_device") else batch)
         return out
 
     # -- EMA export ----------------------------------------------------------------------------------------
