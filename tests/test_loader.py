@@ -333,8 +333,8 @@ def test_finish_on_device_equals_workers_and_resumes(moments_dataset, worker_typ
 
 
 def test_finish_on_device_sample_flip(flip_dataset):
-    """LightningDiT layout: the workers choose sample or mirror and hand over the stored bf16 latent;
-    to_device normalises it to the workers' float32 result exactly."""
+    """LightningDiT layout: the workers hand over the stored bf16 pairs and their flip choices; to_device
+    picks and normalises them into the workers' float32 result exactly."""
     bucket, _ = flip_dataset
     on_workers = list(_loader(bucket, norm="per_channel"))
     dev = _loader(bucket, norm="per_channel", finish_on="device")
@@ -342,5 +342,6 @@ def test_finish_on_device_sample_flip(flip_dataset):
     assert len(on_device) == len(on_workers)
     for a, b in zip(on_workers, on_device):
         if "stored" in b:
-            assert b["stored"].dtype == torch.bfloat16 and b["stored"].shape == a["latent"].shape
+            assert b["stored"].dtype == torch.bfloat16 and b["stored"].shape[2:] == a["latent"].shape[1:]
+            assert b["flip"].dtype == torch.bool and 0 < sum(int(x["flip"].sum()) for x in on_device if "flip" in x)
         assert torch.equal(a["latent"], dev.to_device(b, "cpu")["latent"])

@@ -110,8 +110,8 @@ def _mix_many(seed: int, epoch: int, keys: np.ndarray) -> np.ndarray:
 
 class _Recycler:
     """Output buffers that go back into use once the consumer has dropped every view of them (the storage's use
-    count is back to the pool's own two references). A fresh multi-MB buffer per batch costs a page fault per
-    4 KiB, which on VMs costs more than filling it. Buffers are handed out only as views (`get(n)` = buf[:n]),
+    count is back to the pool's own two references). A fresh multi-MB buffer per batch costs page faults, which
+    on VMs cost more than filling it. Buffers are handed out only as views (`get(n)` = buf[:n]),
     so a consumer always holds a reference of its own. Off for process workers: pickling moves a storage to
     shared memory that the main process keeps reading."""
 
@@ -125,7 +125,10 @@ class _Recycler:
             for t, st in self.bufs:
                 if torch._C._storage_Use_Count(st._cdata) == 2:  # this tensor + this storage wrapper
                     return t[:n]
-        t = torch.empty(self.shape, dtype=self.dtype)
+        # numpy's allocator advises transparent huge pages for big arrays (torch's does not): one fault per 2 MiB
+        np_dtype = np.uint16 if self.dtype == torch.bfloat16 else torch.empty(0, dtype=self.dtype).numpy().dtype
+        t = torch.from_numpy(np.empty(self.shape, np_dtype))
+        t = t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
         if self.enabled and len(self.bufs) < 64:
             self.bufs.append((t, t.untyped_storage()))
         return t[:n]
@@ -138,9 +141,10 @@ class _EpochStream(torch.utils.data.IterableDataset):
     uniformly random order (the last window may be short). Samples are written straight to their output row
     in a staging array as they are parsed, so a sample is copied once between the read buffer and its batch."""
 
-    def __init__(self, spec: dict, epoch: int, offset: int, skips: list[int]):
+    def __init__(self, spec: dict, epoch: int, offset: int, skips: list[int], pools: dict | None = None):
         super().__init__()
         self.spec, self.epoch, self.offset, self.skips = spec, epoch, offset, skips
+        self.pools = pools  # buffer pools kept by the loader across epochs (thread workers), else per stream
 
     def _blocks(self, shards: list[int], corrupt: list[str]) -> Iterator[SampleBlock]:
         import importlib
@@ -166,16 +170,12 @@ class _EpochStream(torch.utils.data.IterableDataset):
                     raise ShardReadError(f"corrupt or truncated shard {url}: {type(e).__name__}: {e}") from None
                 corrupt.append(url)
 
-    def _stored(self, raw: torch.Tensor, keys: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-        """raw: (B, 2, C, h, w) stored pairs -> what a batch carries before finishing: the pair itself for
-        mean_std; for sample_flip the stored sample or its mirror, with probability 1/2 each per (epoch, key),
-        gathered into out ((B, C, h, w), stored dtype)."""
+    def _flips(self, keys: np.ndarray) -> torch.Tensor | None:
+        """sample_flip: take the mirrored sample, with probability 1/2 per (seed, epoch, key). None for mean_std."""
         sp = self.spec
         if sp["mode"] == "mean_std":
-            return raw
-        flip = (_mix_many(sp["seed"], self.epoch, keys) >> np.uint64(40)) & np.uint64(1)
-        rows = torch.from_numpy((np.arange(len(keys)) * 2 + flip).astype(np.int64))
-        return torch.index_select(raw.flatten(0, 1), 0, rows, out=out)
+            return None
+        return torch.from_numpy((_mix_many(sp["seed"], self.epoch, keys) >> np.uint64(40)) & np.uint64(1) == 1)
 
     def __iter__(self):
         wi = torch.utils.data.get_worker_info()
@@ -191,7 +191,6 @@ class _EpochStream(torch.utils.data.IterableDataset):
         register_s3_gopen(sp["endpoint_url"])
         # Shard bytes are read-only; the tensors made from them are only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self._gen = torch.Generator()
         n_workers = sp["num_workers"]
         w = (worker_id + self.offset) % n_workers
         shards = assign_shards(epoch_shard_order(len(sp["shards"]), sp["seed"], self.epoch),
@@ -201,104 +200,92 @@ class _EpochStream(torch.utils.data.IterableDataset):
         bs, win, skip = sp["batch_size"], sp["shuffle_buffer"], self.skips[w]
         dtype = torch_dtype(sp["dtype"])
         on_device = sp["finish_on"] == "device"
-        chosen_bufs = _Recycler((bs, *sp["shape"]), dtype, sp["recycle"])
-        moment_bufs = _Recycler((bs, 2, *sp["shape"]), dtype, sp["recycle"])
-        latent_bufs = _Recycler((bs, *sp["shape"]), torch.float32, sp["recycle"])
-        # Open chunks: chunk c holds stream positions [c*bs, (c+1)*bs) as (bs, 2, C, h, w) stored pairs, written
-        # in place as samples arrive (its numpy view in the stored dtype), plus their keys and labels.
-        chunks: dict[int, tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = {}
-        start, j, perm = 0, 0, rng.permutation(win)  # this window covers positions [start, start + win)
+        # A window's staging buffer: rows [0, carry) = the previous window's unfinished chunk, then the window's
+        # samples at their shuffled positions, as (2, C, h, w) stored pairs. Chunks leave as views of it, so a
+        # sample is copied once from the read buffer to its batch; the buffer is reused once they are dropped.
+        pools = {} if self.pools is None else self.pools
+        stages = pools.setdefault((w, "stage"), _Recycler((win + bs, 2, *sp["shape"]), dtype, sp["recycle"]))
+        latent_bufs = pools.setdefault((w, "latent"), _Recycler((bs, *sp["shape"]), torch.float32, sp["recycle"]))
+
+        def new_stage() -> tuple[torch.Tensor, np.ndarray]:
+            t = stages.get(win + bs)
+            return t, (t.view(torch.uint16) if sp["dtype"] == "bfloat16" else t).numpy()
+
+        stage, stage_np = new_stage()
+        keys = np.empty(win + bs, np.int64)
+        labels = np.empty(win + bs, np.int64)
+        base = 0  # stream position of stage row 0 (a chunk start)
+        carry, j, perm = 0, 0, rng.permutation(win)
         sent = 0  # corrupt shards already reported with a chunk
 
-        def chunk(c: int):
-            if c not in chunks:
-                t = moment_bufs.get(bs)
-                a = (t.view(torch.uint16) if sp["dtype"] == "bfloat16" else t).numpy()
-                chunks[c] = (t, a, np.empty(bs, np.int64), np.empty(bs, np.int64))
-            return chunks[c]
-
-        def place(pos: np.ndarray, keys: np.ndarray, labels: np.ndarray, arrays: list[np.ndarray]) -> None:
-            c_of, r_of = np.divmod(pos, bs)
-            for c in np.unique(c_of).tolist():
-                if c < skip:  # delivered before a resume: not even copied
+        def close_window(last: bool) -> Iterator[dict]:
+            nonlocal stage, stage_np, base, carry, j, perm, sent
+            end = carry + j
+            if j < win:  # a short last window: its rows sit at carry + perm[:j]; close the gaps, order kept
+                used = carry + np.sort(perm[:j])
+                stage_np[carry:end] = stage_np[used]
+                keys[carry:end], labels[carry:end] = keys[used], labels[used]
+            n_out = -(-end // bs) if last else end // bs
+            for c in range(n_out):
+                lo, hi = c * bs, min(end, (c + 1) * bs)
+                idx = base // bs + c
+                if idx < skip:  # delivered before a resume
                     continue
-                sel = np.flatnonzero(c_of == c)
-                whole = len(sel) == len(pos)
-                r = r_of if whole else r_of[sel]
-                _, a, k, lab = chunk(c)
-                k[r], lab[r] = (keys, labels) if whole else (keys[sel], labels[sel])
-                for f, arr in enumerate(arrays):
-                    a[r, f] = arr if whole else arr[sel]
-
-        def emit(end: int, last: bool) -> Iterator[dict]:
-            """Yield the chunks that are complete once positions below `end` are final."""
-            nonlocal sent
-            for c in sorted(chunks):
-                n = min(bs, end - c * bs)
-                if n < bs and not last:
-                    break
-                t, _, k, lab = chunks.pop(c)
-                item = {"label": lab[:n].copy(), "key": k[:n].copy(), "_worker": w, "_chunk": c, "_tail": n < bs,
-                        "_corrupt": list(corrupt)}
-                seed = _chunk_seed(sp["seed"], self.epoch, sp["rank"], w, c)
-                stored = self._stored(t[:n], k[:n], chosen_bufs.get(n))
-                if on_device:  # finished by LatentLoader.to_device
-                    item.update(stored=stored, noise_seed=seed)
+                item = {"label": labels[lo:hi].copy(), "key": keys[lo:hi].copy(), "_worker": w, "_chunk": idx,
+                        "_tail": hi - lo < bs, "_corrupt": list(corrupt)}
+                seed, flip = _chunk_seed(sp["seed"], self.epoch, sp["rank"], w, idx), self._flips(keys[lo:hi])
+                if on_device:  # a view of the stage, finished by LatentLoader.to_device
+                    item.update(stored=stage[lo:hi], noise_seed=seed, flip=flip)
                 else:
-                    item["latent"] = finish_stored(stored, seed, sp["norm"], out=latent_bufs.get(n))
-                del t
+                    item["latent"] = finish_stored(stage[lo:hi], seed, sp["norm"], flip, out=latent_bufs.get(hi - lo))
                 sent = len(corrupt)
                 yield item
+            rest = 0 if last else end - n_out * bs
+            old, old_np = stage, stage_np
+            stage, stage_np = new_stage()
+            if rest:
+                stage_np[:rest] = old_np[n_out * bs:end]
+                keys[:rest], labels[:rest] = keys[n_out * bs:end], labels[n_out * bs:end]
+            del old, old_np
+            base, carry, j, perm = base + n_out * bs, rest, 0, rng.permutation(win)
 
         for block in self._blocks(shards, corrupt):
             lo = 0
             while lo < len(block.keys):
                 hi = min(len(block.keys), lo + win - j)
-                place(start + perm[j:j + hi - lo], block.keys[lo:hi], block.labels[lo:hi],
-                      [x[lo:hi] for x in block.arrays])
+                pos = carry + perm[j:j + hi - lo]  # stage rows of these samples
+                keys[pos], labels[pos] = block.keys[lo:hi], block.labels[lo:hi]
+                # only rows of chunks not yet delivered (a resumed loader skips the rest without copying)
+                keep = (base + pos) // bs >= skip
+                whole = bool(keep.all())
+                for f, arr in enumerate(block.arrays):
+                    if whole:
+                        stage_np[pos, f] = arr[lo:hi]
+                    elif keep.any():
+                        stage_np[pos[keep], f] = arr[lo:hi][keep]
                 j += hi - lo
                 lo = hi
                 if j == win:
-                    yield from emit(start + win, last=False)
-                    start, j, perm = start + win, 0, rng.permutation(win)
-        if j:  # a short last window: its samples sit at start + perm[:j]; close the gaps, order kept
-            old = start + np.sort(perm[:j])
-            moved = [(p, q) for p, q in zip(old.tolist(), range(start, start + j)) if p != q]
-            if moved:
-                src, dst = np.array([p for p, _ in moved]), np.array([q for _, q in moved])
-                rows = []
-                for p in src.tolist():  # read every moved row before writing any (targets may be sources)
-                    c, r = divmod(p, bs)
-                    if c >= skip:
-                        _, a, k, lab = chunks[c]
-                        rows.append((a[r].copy(), k[r], lab[r]))
-                    else:
-                        rows.append(None)
-                for q, row in zip(dst.tolist(), rows):
-                    c, r = divmod(q, bs)
-                    if row is not None and c >= skip:
-                        _, a, k, lab = chunk(c)
-                        a[r], k[r], lab[r] = row
-            for c in [c for c in chunks if c * bs >= start + j]:  # chunks now past the stream's end
-                del chunks[c]
-        yield from emit(start + j, last=True)
+                    yield from close_window(last=False)
+        yield from close_window(last=True)
         if len(corrupt) > sent:  # shards skipped after the last chunk sent: the main process must learn of them
             yield {"latent": None, "label": None, "key": None, "_worker": w, "_chunk": skip - 1, "_tail": None,
                    "_corrupt": list(corrupt)}
 
 
-def finish_stored(stored: torch.Tensor, noise_seed: int, norm: LatentNorm,
+def finish_stored(stored: torch.Tensor, noise_seed: int, norm: LatentNorm, flip: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """A batch's stored latents (any device) -> (B, C, h, w) float32 normalised model latents.
+    """A batch's stored pairs (B, 2, C, h, w) (any device) -> (B, C, h, w) float32 normalised model latents.
 
-    stored (B, 2, C, h, w) = posterior mean and std (SiT recipe): mean + std * eps, eps from a generator on
-    stored's device seeded with noise_seed (the same numbers in the workers and in to_device on CPU; the
-    device's own generator on CUDA). stored (B, C, h, w): an already chosen sample (LightningDiT recipe)."""
-    shape = stored.shape[:1] + stored.shape[2:] if stored.dim() == 5 else stored.shape
+    flip None (SiT recipe, pairs = posterior mean and std): mean + std * eps, eps from a generator on stored's
+    device seeded with noise_seed (the same numbers in the workers and in to_device on CPU; the device's own
+    generator on CUDA). flip (B,) bool (LightningDiT recipe, pairs = sample and mirror): the mirror where set."""
+    shape = stored.shape[:1] + stored.shape[2:]
     if out is None:
         out = torch.empty(shape, device=stored.device)
-    if stored.dim() != 5:
-        return norm.normalize_from(stored, out)
+    if flip is not None:
+        rows = torch.arange(len(flip), device=stored.device) * 2 + flip.to(stored.device, torch.int64)
+        return norm.normalize_from(stored.flatten(0, 1).index_select(0, rows), out)
     g = torch.Generator(device=stored.device)
     g.manual_seed(noise_seed)
     torch.randn(shape, generator=g, device=stored.device, out=out)
@@ -401,6 +388,7 @@ class LatentLoader:
         }
         self.return_keys = return_keys  # also yield "key": (B,) int64 source-image indices (tests, debugging)
         self.corrupt_shards: set[str] = set()
+        self._pools: dict = {}  # output/staging buffers reused across epochs by thread workers
         self.epoch = 0
         self._reset_epoch_state()
 
@@ -450,7 +438,8 @@ class LatentLoader:
 
     # -- iteration
     def _items(self, skips: list[int], offset: int) -> Iterator[dict]:
-        ds = _EpochStream(self._spec, self.epoch, offset, skips)
+        ds = _EpochStream(self._spec, self.epoch, offset, skips,
+                          pools=self._pools if self._spec["recycle"] else None)
         if self.num_workers == 0:
             yield from ds.stream(0)
         elif self.worker_type == "thread":
@@ -459,13 +448,12 @@ class LatentLoader:
             yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                    prefetch_factor=4, in_order=True, collate_fn=_identity)
 
-    def _out(self, z: torch.Tensor | None, y: np.ndarray, k: np.ndarray, stored: torch.Tensor | None = None,
-             noise_seed: int | None = None) -> dict[str, Any]:
+    def _out(self, z: torch.Tensor | None, y: np.ndarray, k: np.ndarray, item: dict | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"label": torch.from_numpy(y)}
-        if stored is None:
+        if item is None:
             out["latent"] = z
-        else:
-            out.update(stored=stored, noise_seed=noise_seed)
+        else:  # finished by to_device
+            out.update(stored=item["stored"], noise_seed=item["noise_seed"], flip=item["flip"])
         if self.return_keys:
             out["key"] = torch.from_numpy(k)
         return out
@@ -478,7 +466,7 @@ class LatentLoader:
         out = {"label": batch["label"].to(device, non_blocking=non_blocking)}
         if "stored" in batch:
             out["latent"] = finish_stored(batch["stored"].to(device, non_blocking=non_blocking),
-                                          batch["noise_seed"], self.norm)
+                                          batch["noise_seed"], self.norm, batch["flip"])
         else:
             out["latent"] = batch["latent"].to(device, torch.float32, non_blocking=non_blocking)
         if "key" in batch:
@@ -505,14 +493,14 @@ class LatentLoader:
             self._received[w] = item["_chunk"] + 1
             self._last_worker = w
             if "stored" in item:
-                yield self._out(None, item["label"], item["key"], item["stored"], item["noise_seed"])
+                yield self._out(None, item["label"], item["key"], item)
             else:
                 yield self._out(item["latent"], item["label"], item["key"])
         # Epoch end: held tails, concatenated in worker order, re-cut into batches (sampled here: the rows of a
         # re-cut batch come from chunks with different noise seeds).
         for t in tails.values():
             if "stored" in t:
-                t["latent"] = finish_stored(t.pop("stored"), t["noise_seed"], self.norm)
+                t["latent"] = finish_stored(t.pop("stored"), t["noise_seed"], self.norm, t["flip"])
         if tails:
             z = torch.cat([tails[w]["latent"] for w in sorted(tails)])
             y = np.concatenate([tails[w]["label"] for w in sorted(tails)])

@@ -83,7 +83,7 @@ class _Layout:
         if cls_i:
             weights[s_o:s_o + 11, out - 2] = 8 ** np.arange(10, -1, -1)
             weights[s_o:s_o + 11, out - 1] = 1
-        self.weights = weights
+        self.weights = weights.astype(np.float64)  # BLAS matmul; every value < 2^53, so exact
         # Expected checksum of member m = its fixed bytes' sum + 256 (the field itself counts as 8 spaces)
         # + its key bytes + (.cls) its size field bytes (digits + 48 each; the NUL after them is checked apart).
         in_sum = fixed.copy()
@@ -106,7 +106,7 @@ class _Layout:
                 break  # pax/gnu headers, prefixed names, other checksum styles: member-by-member path
             name = head[:100].split(b"\0", 1)[0]
             k, dot, ext = name.partition(b".")
-            if not dot or not k.isdigit() or b"/" in name or len(k) > 18:
+            if not dot or not k.isdigit() or b"/" in name or len(k) > 15:  # keys < 2^53: exact in float64
                 break
             if key is None:
                 key = k
@@ -137,10 +137,10 @@ class _Layout:
         """rows: (n, L) uint8 complete records. Returns (number of leading valid rows v, their SampleBlock)."""
         n, kl = rows.shape[0], self.key_len
         ok = ((rows.view(np.uint64)[:, self.cols] & self.mask) == self.want).all(1)
-        d = rows[:, self.dcols].astype(np.int64) - 48  # (n, K) digit values
+        d = rows[:, self.dcols].astype(np.float64) - 48  # (n, K) digit values
         ok &= ((d >= 0) & (d <= self.hi)).all(1)
         ok &= (d[:, self.key_other].reshape(n, len(self.members) - 1, kl) == d[:, None, :kl]).all((1, 2))
-        v = d @ self.weights  # (n, 2 + members + 2)
+        v = (d @ self.weights).astype(np.int64)  # (n, 2 + members + 2)
         keys = v[:, 0]
         expected = self.chk_base + v[:, 1:2] + self.chk_size * v[:, -1:]
         ok &= (v[:, 2:-2] == expected).all(1)
@@ -217,7 +217,7 @@ def _scalar_blocks(stream: Any, fields: tuple[str, ...]) -> Iterator[SampleBlock
         yield block()
 
 
-def read_sample_blocks(stream: Any, fields: tuple[str, ...], chunk_bytes: int = 4 << 20) -> Iterator[SampleBlock]:
+def read_sample_blocks(stream: Any, fields: tuple[str, ...], chunk_bytes: int = 2 << 20) -> Iterator[SampleBlock]:
     """Samples of one freshly opened shard stream, in stored order, as SampleBlocks.
 
     Reads `chunk_bytes` at a time from the unbuffered stream under `stream` and parses records where they lie in
@@ -232,7 +232,10 @@ def _read_blocks(src: Any, fields: tuple[str, ...], chunk_bytes: int) -> Iterato
     carry = bytearray()  # bytes of a record cut by the chunk boundary (all data read so far before detection)
     layout, eof = None, False
     while not eof:
-        chunk = src.read(chunk_bytes)
+        size = chunk_bytes
+        if isinstance(layout, _Layout):  # whole records per read, so (full) reads end on a record boundary
+            size = max(1, chunk_bytes // layout.record) * layout.record - len(carry)
+        chunk = src.read(size)
         eof = not chunk
         if not isinstance(layout, _Layout):  # None: not tried yet; False: needs more bytes
             carry += chunk
