@@ -20,6 +20,7 @@ counts up front). Corrupt or truncated shards raise ShardReadError naming the UR
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -297,6 +298,17 @@ def _identity(x: Any) -> Any:
 
 
 _END = object()
+_RUNNING: set = set()  # (stop event, threads) of thread-worker epochs in progress
+
+
+@atexit.register
+def _stop_running() -> None:
+    """Stop abandoned worker threads before the interpreter tears down: a daemon thread still inside a torch
+    op at exit aborts the process ("terminate called without an active exception")."""
+    for stop, threads in list(_RUNNING):
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
 
 
 def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
@@ -326,6 +338,8 @@ def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
 
     threads = [threading.Thread(target=pump, args=(it, q), daemon=True, name=f"latent-loader-{i}")
                for i, (it, q) in enumerate(zip(streams, queues))]
+    entry = (stop, tuple(threads))
+    _RUNNING.add(entry)
     for t in threads:
         t.start()
     try:
@@ -343,6 +357,7 @@ def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
         stop.set()
         for t in threads:
             t.join(timeout=5)
+        _RUNNING.discard(entry)
 
 
 # ---------------------------------------------------------------------------------------------- loader

@@ -137,6 +137,14 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self._data is not None:  # stop the loader's workers (an epoch is usually left mid-way)
+                self._data.close()
+                self._data = None
+
+    def _run(self) -> int:
         cfg, st = self.cfg, self.state
         self.resume()
         log_every, t_last, wait, n_last = cfg.logging.every_steps, time.time(), 0.0, st.step
