@@ -217,7 +217,7 @@ def _scalar_blocks(stream: Any, fields: tuple[str, ...]) -> Iterator[SampleBlock
         yield block()
 
 
-def read_sample_blocks(stream: Any, fields: tuple[str, ...], chunk_bytes: int = 2 << 20) -> Iterator[SampleBlock]:
+def read_sample_blocks(stream: Any, fields: tuple[str, ...], chunk_bytes: int = 4 << 20) -> Iterator[SampleBlock]:
     """Samples of one freshly opened shard stream, in stored order, as SampleBlocks.
 
     Reads `chunk_bytes` at a time from the unbuffered stream under `stream` and parses records where they lie in
