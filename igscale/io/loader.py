@@ -3,11 +3,12 @@
 Determinism and exact resume (the contract the trainer relies on):
   * Epoch e's shard order is a permutation drawn from (seed, e). Rank r takes every world_size-th shard of it
     (split by node); within the rank, logical worker w takes every num_workers-th of those (split by worker).
-  * Each logical worker streams its shards through a shuffle buffer seeded by (seed, e, rank, w) and cuts the
-    stream into chunks of batch_size. Posterior noise / flip choice of a sample depends only on (seed, e, key).
-    So every worker's chunk sequence is a pure function of (manifest, seed, e, rank, w).
-  * The main process takes full chunks from the workers round-robin (torch's in-order DataLoader; a finished
-    worker drops out of the rotation) and yields them as batches. Each worker's last, partial chunk is held
+  * Each logical worker cuts its sample stream into windows of shuffle_buffer samples, emits each window in a
+    random order seeded by (seed, e, rank, w), and cuts the result into chunks of batch_size. The flip choice of
+    a sample depends on (seed, e, key); the posterior noise of a chunk on (seed, e, rank, w, chunk index). So
+    every worker's chunk sequence is a pure function of (manifest, seed, e, rank, w).
+  * Chunks are taken from the workers (threads, or torch DataLoader processes) round-robin in order, a finished
+    worker dropping out of the rotation, and yielded as batches. Each worker's last, partial chunk is held
     back; at the end of the epoch the held tails are concatenated in worker order and re-cut into batches, so
     only the epoch's final batch can be short and no batch spans two epochs.
   * state_dict = {epoch, chunks received per worker, last worker served, tails held, tail batches yielded}.
@@ -24,6 +25,7 @@ import atexit
 import functools
 import json
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -301,14 +303,18 @@ _END = object()
 _RUNNING: set = set()  # (stop event, threads) of thread-worker epochs in progress
 
 
-@atexit.register
 def _stop_running() -> None:
-    """Stop abandoned worker threads before the interpreter tears down: a daemon thread still inside a torch
-    op at exit aborts the process ("terminate called without an active exception")."""
+    """Stop worker threads left running by an abandoned epoch iterator."""
     for stop, threads in list(_RUNNING):
         stop.set()
         for t in threads:
-            t.join(timeout=5)
+            t.join(timeout=10)
+
+
+# Worker threads are non-daemon, so none can still be inside a torch op when the interpreter finalises (a daemon
+# thread re-taking the GIL then is unwound through a noexcept destructor: "terminate called without an active
+# exception"). Interpreter exit first runs threading's exit hooks, then joins non-daemon threads: stop them there.
+getattr(threading, "_register_atexit", atexit.register)(_stop_running)
 
 
 def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
@@ -316,7 +322,6 @@ def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
     order torch's in-order DataLoader gives process workers. The hot work (socket reads, numpy, torch)
     releases the GIL, and threads share one boto3 client and reuse their memory."""
     import queue
-    import threading
 
     stop = threading.Event()
     queues = [queue.Queue(maxsize=prefetch) for _ in streams]
@@ -336,7 +341,7 @@ def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             q.put(e)
 
-    threads = [threading.Thread(target=pump, args=(it, q), daemon=True, name=f"latent-loader-{i}")
+    threads = [threading.Thread(target=pump, args=(it, q), daemon=False, name=f"latent-loader-{i}")
                for i, (it, q) in enumerate(zip(streams, queues))]
     entry = (stop, tuple(threads))
     _RUNNING.add(entry)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "MODES", "DTYPES", "FIELDS", "shard_key", "sidecar_key", "encode_array", "decode_array", "decode_stack",
+__all__ = ["FORMAT", "MODES", "DTYPES", "FIELDS", "shard_key", "sidecar_key", "encode_array", "decode_array",
            "write_tar", "iter_tar_samples", "npy_view", "TarFormatError", "torch_dtype"]
 
 FORMAT = "igscale-latents/1"
@@ -76,14 +76,6 @@ def decode_array(data: bytes, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(arr.astype(np.uint16, copy=False).copy()).view(torch.bfloat16).float()
     return torch.from_numpy(arr.copy()).float()
-
-
-def decode_stack(items: list[bytes], dtype: str) -> torch.Tensor:
-    """N .npy payloads of one shape -> (N, ...) float32 tensor (one copy)."""
-    arr = np.stack([npy_view(d) for d in items])
-    if dtype == "bfloat16":
-        return torch.from_numpy(arr.astype(np.uint16, copy=False)).view(torch.bfloat16).float()
-    return torch.from_numpy(arr).float()
 
 
 class TarFormatError(ValueError):
