@@ -326,20 +326,24 @@ def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
     stop = threading.Event()
     queues = [queue.Queue(maxsize=prefetch) for _ in streams]
 
+    def put(q: queue.Queue, item: Any) -> bool:
+        """Blocking put that gives up once the consumer has stopped (every put: a thread must never outlive it)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def pump(it: Iterator[dict], q: queue.Queue) -> None:
         try:
             for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(q, item):
                     return
-            q.put(_END)
+            put(q, _END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
+            put(q, e)
 
     threads = [threading.Thread(target=pump, args=(it, q), daemon=False, name=f"latent-loader-{i}")
                for i, (it, q) in enumerate(zip(streams, queues))]
