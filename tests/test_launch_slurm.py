@@ -117,6 +117,9 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm_
     s3 = s3_server.client()
     latest = s3.get_object(Bucket=bucket, Key="ckpt/preempt/latest")["Body"].read().decode().strip()
     assert latest == f"step_{preempted_at:09d}", (latest, preempted_at)
+    # slurmd rejects a batch launch whose credential is not newer, in whole seconds, than the revocation of the
+    # first attempt's ("Job credential revoked"); Slurm's own requeue delay avoids that, so keep a 2 s gap too.
+    time.sleep(2)
     slurm_cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=240)
     out = _out(tmp_path, job)
