@@ -128,10 +128,10 @@ class _Recycler:
             for t, st in self.bufs:
                 if torch._C._storage_Use_Count(st._cdata) == 2:  # this tensor + this storage wrapper
                     return t[:n]
-        # numpy's allocator advises transparent huge pages for big arrays (torch's does not): one fault per 2 MiB
-        np_dtype = np.uint16 if self.dtype == torch.bfloat16 else torch.empty(0, dtype=self.dtype).numpy().dtype
-        t = torch.from_numpy(np.empty(self.shape, np_dtype))
-        t = t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
+        # numpy's allocator advises transparent huge pages for big arrays (torch's does not): one fault per 2 MiB.
+        # Raw bytes viewed as the torch dtype, so bfloat16 (which numpy lacks) needs no special case.
+        nbytes = int(np.prod(self.shape)) * torch.empty(0, dtype=self.dtype).element_size()
+        t = torch.from_numpy(np.empty(nbytes, np.uint8)).view(self.dtype).view(self.shape)
         if self.enabled and len(self.bufs) < 64:
             self.bufs.append((t, t.untyped_storage()))
         return t[:n]
@@ -472,14 +472,13 @@ class LatentLoader:
             yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                    prefetch_factor=4, in_order=True, collate_fn=_identity)
 
-    def _out(self, z: torch.Tensor | None, y: np.ndarray, k: np.ndarray, item: dict | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": torch.from_numpy(y)}
-        if item is None:
-            out["latent"] = z
-        else:  # finished by to_device
-            out.update(stored=item["stored"], noise_seed=item["noise_seed"], flip=item["flip"])
+    def _out(self, item: dict) -> dict[str, Any]:
+        """A worker item as a batch: labels (and keys) as tensors, and either the finished latents or what
+        to_device needs to finish them (stored pairs, noise seed, flip choices)."""
+        out: dict[str, Any] = {"label": torch.from_numpy(item["label"])}
+        out.update({k: item[k] for k in ("latent", "stored", "noise_seed", "flip") if k in item})
         if self.return_keys:
-            out["key"] = torch.from_numpy(k)
+            out["key"] = torch.from_numpy(item["key"])
         return out
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str,
@@ -516,10 +515,7 @@ class LatentLoader:
                 continue
             self._received[w] = item["_chunk"] + 1
             self._last_worker = w
-            if "stored" in item:
-                yield self._out(None, item["label"], item["key"], item)
-            else:
-                yield self._out(item["latent"], item["label"], item["key"])
+            yield self._out(item)
         # Epoch end: held tails, concatenated in worker order, re-cut into batches (sampled here: the rows of a
         # re-cut batch come from chunks with different noise seeds).
         for t in tails.values():
@@ -532,6 +528,6 @@ class LatentLoader:
             for i in range(self._tail_batches * self.batch_size, len(y), self.batch_size):
                 self._tail_batches += 1
                 sl = slice(i, i + self.batch_size)
-                yield self._out(z[sl], y[sl], k[sl])
+                yield self._out({"latent": z[sl], "label": y[sl], "key": k[sl]})
         self.epoch += 1
         self._reset_epoch_state()

@@ -119,7 +119,7 @@ class Trainer:
                 self._data = None
                 continue
             # the loader finishes its batches on the device (posterior sampling there, if configured)
-            out.append(self.loader.to_device(batch, self.device) if hasattr(self.loader, "to_device") else batch)
+            out.append(self.loader.to_device(batch, self.device))
         return out
 
     # -- EMA export ----------------------------------------------------------------------------------------
