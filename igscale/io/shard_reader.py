@@ -40,7 +40,7 @@ class _Layout:
 
     def __init__(self, template: np.ndarray, members: list[tuple[str, int, int, int]], key_len: int,
                  npy_heads: dict[str, tuple[int, np.dtype, tuple]]):
-        self.template = template  # (L,) uint8: the first sample's record
+        # template: (L,) uint8, the first sample's record; only its layout and fixed bytes are kept
         self.members = members  # (ext, header offset, payload size, padded size), in record order
         self.key_len = key_len
         self.npy_heads = npy_heads  # ext -> (npy header length, dtype, shape)
