@@ -112,28 +112,32 @@ def _mix_many(seed: int, epoch: int, keys: np.ndarray) -> np.ndarray:
 
 
 class _Recycler:
-    """Output buffers that go back into use once the consumer has dropped every view of them (the storage's use
-    count is back to the pool's own two references). A fresh multi-MB buffer per batch costs page faults, which
-    on VMs cost more than filling it. Buffers are handed out only as views (`get(n)` = buf[:n]),
-    so a consumer always holds a reference of its own. Off for process workers: pickling moves a storage to
-    shared memory that the main process keeps reading."""
+    """Output buffers that go back into use once the consumer has dropped every view of them: the storage's use
+    count is back to what it was when the buffer was made (the pool's own references, plus any torch keeps, e.g.
+    a view's base). A fresh multi-MB buffer per batch costs page faults, which on VMs cost more than filling it.
+    Buffers are handed out only as views (`get(n)` = buf[:n]), so a consumer always holds a reference of its
+    own. Off for process workers: pickling moves a storage to shared memory that the main process keeps
+    reading. `allocated` counts buffers made (tests check that reuse happens)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, enabled: bool):
         self.shape, self.dtype = shape, dtype
         self.enabled = enabled and hasattr(torch._C, "_storage_Use_Count")
-        self.bufs: list[tuple[torch.Tensor, Any]] = []
+        self.bufs: list[tuple[torch.Tensor, Any, int]] = []  # (buffer, its storage, use count when idle)
+        self.allocated = 0
 
     def get(self, n: int) -> torch.Tensor:
         if self.enabled:
-            for t, st in self.bufs:
-                if torch._C._storage_Use_Count(st._cdata) == 2:  # this tensor + this storage wrapper
+            for t, st, idle in self.bufs:
+                if torch._C._storage_Use_Count(st._cdata) == idle:
                     return t[:n]
         # numpy's allocator advises transparent huge pages for big arrays (torch's does not): one fault per 2 MiB.
         # Raw bytes viewed as the torch dtype, so bfloat16 (which numpy lacks) needs no special case.
         nbytes = int(np.prod(self.shape)) * torch.empty(0, dtype=self.dtype).element_size()
         t = torch.from_numpy(np.empty(nbytes, np.uint8)).view(self.dtype).view(self.shape)
+        self.allocated += 1
         if self.enabled and len(self.bufs) < 64:
-            self.bufs.append((t, t.untyped_storage()))
+            st = t.untyped_storage()
+            self.bufs.append((t, st, torch._C._storage_Use_Count(st._cdata)))
         return t[:n]
 
 
@@ -276,13 +280,18 @@ class _EpochStream(torch.utils.data.IterableDataset):
                    "_corrupt": list(corrupt)}
 
 
-def finish_stored(stored: torch.Tensor, noise_seed: int, norm: LatentNorm, flip: torch.Tensor | None = None,
+NoiseSeed = int | list[tuple[int, int, int, int]]
+
+
+def finish_stored(stored: torch.Tensor, noise_seed: NoiseSeed, norm: LatentNorm, flip: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """A batch's stored pairs (B, 2, C, h, w) (any device) -> (B, C, h, w) float32 normalised model latents.
 
     flip None (SiT recipe, pairs = posterior mean and std): mean + std * eps, eps from a generator on stored's
     device seeded with noise_seed (the same numbers in the workers and in to_device on CPU; the device's own
-    generator on CUDA). flip (B,) bool (LightningDiT recipe, pairs = sample and mirror): the mirror where set."""
+    generator on CUDA). An epoch-end batch re-cut from several chunks' tails has one segment per chunk instead:
+    noise_seed = [(chunk seed, chunk rows, first, stop), ...] -> rows [first, stop) of that chunk's noise.
+    flip (B,) bool (LightningDiT recipe, pairs = sample and mirror): the mirror where set."""
     shape = stored.shape[:1] + stored.shape[2:]
     if out is None:
         out = torch.empty(shape, device=stored.device)
@@ -290,8 +299,17 @@ def finish_stored(stored: torch.Tensor, noise_seed: int, norm: LatentNorm, flip:
         rows = torch.arange(len(flip), device=stored.device) * 2 + flip.to(stored.device, torch.int64)
         return norm.normalize_from(stored.flatten(0, 1).index_select(0, rows), out)
     g = torch.Generator(device=stored.device)
-    g.manual_seed(noise_seed)
-    torch.randn(shape, generator=g, device=stored.device, out=out)
+    if isinstance(noise_seed, int):
+        g.manual_seed(noise_seed)
+        torch.randn(shape, generator=g, device=stored.device, out=out)
+    else:
+        at = 0
+        for seed, rows, first, stop in noise_seed:  # the whole chunk's draw, so rows equal the workers' numbers
+            g.manual_seed(seed)
+            out[at:at + stop - first] = torch.randn((rows, *shape[1:]), generator=g, device=stored.device)[first:stop]
+            at += stop - first
+        if at != len(out):
+            raise ValueError(f"noise segments cover {at} rows of a batch of {len(out)}")
     return norm.normalize_(out.mul_(stored[:, 1]).add_(stored[:, 0]))
 
 
@@ -516,18 +534,26 @@ class LatentLoader:
             self._received[w] = item["_chunk"] + 1
             self._last_worker = w
             yield self._out(item)
-        # Epoch end: held tails, concatenated in worker order, re-cut into batches (sampled here: the rows of a
-        # re-cut batch come from chunks with different noise seeds).
-        for t in tails.values():
-            if "stored" in t:
-                t["latent"] = finish_stored(t.pop("stored"), t["noise_seed"], self.norm, t["flip"])
+        # Epoch end: held tails, concatenated in worker order, re-cut into batches. Unfinished tails stay
+        # unfinished (to_device draws each row's noise from its own chunk's seed: noise segments).
         if tails:
-            z = torch.cat([tails[w]["latent"] for w in sorted(tails)])
-            y = np.concatenate([tails[w]["label"] for w in sorted(tails)])
-            k = np.concatenate([tails[w]["key"] for w in sorted(tails)])
+            ts = [tails[w] for w in sorted(tails)]
+            y = np.concatenate([t["label"] for t in ts])
+            k = np.concatenate([t["key"] for t in ts])
+            starts = np.cumsum([0] + [len(t["label"]) for t in ts])
+            field = "stored" if "stored" in ts[0] else "latent"
+            z = torch.cat([t[field] for t in ts])
+            flips = None if field == "latent" or ts[0]["flip"] is None else torch.cat([t["flip"] for t in ts])
             for i in range(self._tail_batches * self.batch_size, len(y), self.batch_size):
                 self._tail_batches += 1
                 sl = slice(i, i + self.batch_size)
-                yield self._out({"latent": z[sl], "label": y[sl], "key": k[sl]})
+                item = {field: z[sl], "label": y[sl], "key": k[sl]}
+                if field == "stored":
+                    stop = min(i + self.batch_size, len(y))
+                    item["noise_seed"] = [(t["noise_seed"], len(t["label"]), max(i, a) - a, min(stop, b) - a)
+                                          for t, a, b in zip(ts, starts[:-1].tolist(), starts[1:].tolist())
+                                          if a < stop and b > i]
+                    item["flip"] = None if flips is None else flips[sl]
+                yield self._out(item)
         self.epoch += 1
         self._reset_epoch_state()
