@@ -14,7 +14,14 @@ Each configuration keeps one loader across its epochs, as a trainer does. Report
 samples/s and MB/s for the whole epoch (incl. worker start and the first shuffle-window fill) and for the middle
 80% of its samples (steady state), and the ratio to raw GET measured in the same repeat.
 
+Two CPU placements, one after the other in the same run (`--placement`):
+  * shared: the S3 server and this process (raw GET or loader) share every CPU, so each CPU cycle the client
+    spends is taken from the server: the ratio then measures the client's CPU cost next to the server's;
+  * separate: the server pinned to CPU 0, this process (all its threads, worker processes too) to the other
+    CPUs: the storage has its own CPU as in a cluster, and the ratio says whether the loader keeps up with it.
+
     python bench/bench_loader.py [--shards 16] [--per-shard 2000] [--workers 2] [--batch 256] [--repeats 3]
+                                 [--placement shared,separate]
 """
 from __future__ import annotations
 
@@ -81,11 +88,17 @@ def raw_get(store: S3Storage, keys: list[str], workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """CPU affinity of every thread of process `pid` (threads and processes started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def loader_epoch(ld: LatentLoader) -> tuple[float, float, int, int]:
     """One epoch of a loader kept across repeats, as a trainer keeps it. Returns (seconds for the whole epoch,
     seconds for the middle 80% of its samples, samples, samples in that middle part). The middle part leaves
     out worker start and the first shuffle-window fill (and the samples read ahead during it) and the drain."""
-    total = ld.batches_per_epoch() * ld.batch_size
+    total = ld.samples_per_rank()[ld.rank]
     t = time.perf_counter()
     n, marks = 0, {}
     for b in ld:
@@ -114,9 +127,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--placement", default="shared,separate", help="comma list of shared, separate")
     a = p.parse_args()
-    res: dict[str, list[tuple[float, ...]]] = {name: [] for name in CONFIGS}
-    raws: dict[str, list[float]] = {mode: [] for mode in LAYOUTS}
+    placements = a.placement.split(",")
+    cpus = sorted(os.sched_getaffinity(0))
+    if not set(placements) <= {"shared", "separate"}:
+        p.error(f"--placement takes shared and/or separate, got {a.placement!r}")
+    if "separate" in placements and len(cpus) < 2:
+        p.error("--placement separate needs at least 2 CPUs")
+    res = {(pl, name): [] for pl in placements for name in CONFIGS}
+    raws = {(pl, mode): [] for pl in placements for mode in LAYOUTS}
     with tempfile.TemporaryDirectory() as d:
         server = start_s3_server(Path(d))
         try:
@@ -134,28 +154,35 @@ def main() -> None:
             # Configuration by configuration (raw GET re-measured before every epoch): a process-worker epoch forks,
             # and after a fork every page the parent writes takes a copy-on-write fault once, which would land on
             # the next configuration's buffers.
-            for name, (mode, _kw) in CONFIGS.items():
-                for _ in range(a.repeats):
-                    raw = raw_get(stores[mode], keys, a.workers)
-                    raws[mode].append(raw)
-                    dt, dt_steady, n, n_steady = loader_epoch(loaders[name])
-                    assert n == a.shards * a.per_shard
-                    mbs, mbs_steady = totals[mode] / dt, totals[mode] * n_steady / n / dt_steady
-                    res[name].append((n / dt, mbs, n_steady / dt_steady, mbs_steady, mbs / raw, mbs_steady / raw))
+            for pl in placements:
+                pin(server.pid, set(cpus[:1]) if pl == "separate" else set(cpus))
+                pin(os.getpid(), set(cpus[1:]) if pl == "separate" else set(cpus))
+                torch.set_num_threads(len(os.sched_getaffinity(0)))  # intra-op threads = this process's CPUs
+                for name, (mode, _kw) in CONFIGS.items():
+                    for _ in range(a.repeats):
+                        raw = raw_get(stores[mode], keys, a.workers)
+                        raws[pl, mode].append(raw)
+                        dt, dt_steady, n, n_steady = loader_epoch(loaders[name])
+                        assert n == a.shards * a.per_shard
+                        mbs, mbs_steady = totals[mode] / dt, totals[mode] * n_steady / n / dt_steady
+                        res[pl, name].append((n / dt, mbs, n_steady / dt_steady, mbs_steady, mbs / raw,
+                                              mbs_steady / raw))
         finally:
             server.stop()
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
     print(f"{a.shards} shards x {a.per_shard} samples per layout ({totals['mean_std'] / 1e6:.0f} MB and "
           f"{totals['sample_flip'] / 1e6:.0f} MB), {a.workers} workers, batch {a.batch}, shuffle window 1000, "
-          f"median of {a.repeats}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
-    print("| path | whole epoch samples/s | MB/s | ratio to raw GET | middle 80% samples/s | MB/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in LAYOUTS:
-        print(f"| raw boto3 GET, {mode} shards ({a.workers} streams) | - | "
-              f"{statistics.median(raws[mode]) / 1e6:.0f} | 1 | - | - | - |")
-    for name, xs in res.items():
-        print(f"| LatentLoader: {name} | {med(xs, 0):.0f} | {med(xs, 1) / 1e6:.0f} | {med(xs, 4):.2f} | "
-              f"{med(xs, 2):.0f} | {med(xs, 3) / 1e6:.0f} | {med(xs, 5):.2f} |")
+          f"median of {a.repeats}; {len(cpus)} CPUs")
+    print("| CPUs | path | whole epoch samples/s | MB/s | ratio to raw GET | middle 80% samples/s | MB/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for pl in placements:
+        for mode in LAYOUTS:
+            print(f"| {pl} | raw boto3 GET, {mode} shards ({a.workers} streams) | - | "
+                  f"{statistics.median(raws[pl, mode]) / 1e6:.0f} | 1 | - | - | - |")
+        for name in CONFIGS:
+            xs = res[pl, name]
+            print(f"| {pl} | LatentLoader: {name} | {med(xs, 0):.0f} | {med(xs, 1) / 1e6:.0f} | {med(xs, 4):.2f} | "
+                  f"{med(xs, 2):.0f} | {med(xs, 3) / 1e6:.0f} | {med(xs, 5):.2f} |")
 
 
 if __name__ == "__main__":
