@@ -38,7 +38,7 @@ def make_images(root: Path, n: int) -> list[str]:
 
 def run(cfg: PrecomputeConfig, keys: list[str]) -> float:
     t = time.perf_counter()
-    res = encode_shard(cfg, 0, 0, keys, [int(k[1]) for k in keys])
+    res = encode_shard(cfg, 0, list(range(len(keys))), keys, [int(k[1]) for k in keys])
     dt = time.perf_counter() - t
     assert len(res.samples) == len(keys)
     return len(keys) / dt

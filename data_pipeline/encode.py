@@ -73,9 +73,10 @@ def _maybe_inject_fault(shard: int, done: int, total: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def encode_shard(cfg: PrecomputeConfig, shard: int, start: int, files: list[str], labels: list[int],
+def encode_shard(cfg: PrecomputeConfig, shard: int, indices: list[int], files: list[str], labels: list[int],
                  progress=None) -> ShardResult:
-    """Encode images [start, start+len(files)) of the sorted list. `progress(n)` is called after each batch."""
+    """Encode the images at `indices` of the sorted list (their keys; `files`/`labels` are theirs, in the same
+    order). `progress(n)` is called after each batch."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = get_vae(cfg, device)
     src = open_storage(cfg.input, endpoint_url=cfg.endpoint_url)
@@ -100,13 +101,13 @@ def encode_shard(cfg: PrecomputeConfig, shard: int, start: int, files: list[str]
                     if cfg.on_corrupt == "abort":
                         raise CorruptImageError(f"corrupt or unreadable image {path}: {err}")
                     log.warning("skipping corrupt image %s: %s", path, err)
-                    res.corrupt.append({"path": path, "index": start + done, "error": err})
+                    res.corrupt.append({"path": path, "index": indices[done], "error": err})
                 else:
                     idx.append(done)
                     imgs.append(arr)
                 done += 1
             if imgs:
-                _encode_batch(cfg, vae, np.stack(imgs), [start + i for i in idx], [labels[i] for i in idx], res)
+                _encode_batch(cfg, vae, np.stack(imgs), [indices[i] for i in idx], [labels[i] for i in idx], res)
             if progress is not None:
                 progress(done - before)
             _maybe_inject_fault(shard, done, len(files))

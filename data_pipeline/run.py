@@ -18,7 +18,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from data_pipeline.plan import PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_ranges
+from data_pipeline.plan import PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_plan
 from data_pipeline.write import run_shard
 from igscale.io.shard_format import FIELDS, FORMAT, MANIFEST
 from igscale.io.storage import open_storage
@@ -80,11 +80,11 @@ def _run_ray(cfg, tasks, fp, total, address: str | None) -> list[dict]:
 
     counter = Counter.options(num_cpus=0).remote()
 
-    def task(cfg_dict, shard, start, files, labels, fp):
+    def task(cfg_dict, shard, indices, files, labels, fp):
         import torch
 
         torch.set_num_threads(max(1, int(cfg_dict["cpus_per_worker"])))
-        return run_shard(cfg_dict, shard, start, files, labels, fp, progress=lambda n: counter.add.remote(n))
+        return run_shard(cfg_dict, shard, indices, files, labels, fp, progress=lambda n: counter.add.remote(n))
 
     remote = ray.remote(task).options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus, max_retries=cfg.max_retries,
                                       retry_exceptions=False)
@@ -126,7 +126,7 @@ def build_manifest(cfg, src, vae_info, latent_shape, per_shard, records, out) ->
         "latent_stats": {"mean": mean.tolist(), "std": std.tolist(),
                          "over": "posterior samples (Var(mean)+E[std^2])" if cfg.mode == "mean_std"
                          else "stored unflipped samples"},
-        "samples_per_shard": per_shard,
+        "samples_per_shard": per_shard, "shard_order": cfg.shard_order,
         "shards": [{"key": r["key"], "url": out.url(r["key"]), "count": r["count"], "sha256": r["sha256"],
                     "size": r["size"], "first_index": r["first_index"], "last_index": r["last_index"]}
                    for r in records],
@@ -142,9 +142,10 @@ def precompute(cfg: PrecomputeConfig, *, executor: str = "ray", ray_address: str
     vae_info, latent_shape = _probe_vae(cfg)
     per_shard = samples_per_shard(cfg, latent_shape)
     fp = fingerprint(cfg, src, vae_info["weights_sha256"], per_shard)
-    tasks = [(k, a, src.files[a:b], src.labels[a:b]) for k, (a, b) in enumerate(shard_ranges(len(src.files),
-                                                                                              per_shard))]
-    log.info("%d images, %d classes -> %d shards of %d", len(src.files), len(src.classes), len(tasks), per_shard)
+    tasks = [(k, ix, [src.files[i] for i in ix], [src.labels[i] for i in ix])
+             for k, ix in enumerate(shard_plan(len(src.files), per_shard, cfg.shard_order, cfg.seed))]
+    log.info("%d images, %d classes -> %d shards of %d (%s order)", len(src.files), len(src.classes), len(tasks),
+             per_shard, cfg.shard_order)
     if executor == "inline":
         records = _run_inline(cfg, tasks, fp, len(src.files))
     else:

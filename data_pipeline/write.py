@@ -33,7 +33,7 @@ def verify_existing(out: Storage, shard: int, fp: str) -> dict | None:
     return rec if h.hexdigest() == rec["sha256"] else None
 
 
-def run_shard(cfg_dict: dict, shard: int, start: int, files: list[str], labels: list[int], fp: str,
+def run_shard(cfg_dict: dict, shard: int, indices: list[int], files: list[str], labels: list[int], fp: str,
               progress=None) -> dict:
     """Returns the shard's completion record, with "skipped": True when an existing shard was reused."""
     cfg = PrecomputeConfig.from_dict(cfg_dict)
@@ -43,11 +43,11 @@ def run_shard(cfg_dict: dict, shard: int, start: int, files: list[str], labels: 
         if progress is not None:
             progress(len(files))
         return {**rec, "skipped": True}
-    res = encode_shard(cfg, shard, start, files, labels, progress)
+    res = encode_shard(cfg, shard, indices, files, labels, progress)
     data = write_tar(res.samples)
     out.put_bytes(shard_key(shard), data)
     rec = {
-        "shard": shard, "key": shard_key(shard), "first_index": start, "last_index": start + len(files) - 1,
+        "shard": shard, "key": shard_key(shard), "first_index": min(indices), "last_index": max(indices),
         "count": len(res.samples), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
         "corrupt": res.corrupt, "latent_shape": list(res.latent_shape), "fingerprint": fp,
         "stats": {"n": res.n, "sum": None if res.sum is None else res.sum.tolist(),

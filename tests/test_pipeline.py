@@ -191,3 +191,40 @@ def test_bad_input_fails_before_work(s3_server, dataset_bucket, monkeypatch, tmp
     cfg, _ = parse_args(job_args(bucket, "x"))
     with pytest.raises(StorageError, match="no AWS credentials"):
         precompute(cfg, executor="inline")
+
+
+def test_shuffled_shard_order(s3_server, dataset_bucket, monkeypatch):
+    """shard_order="shuffled": shard k holds a fixed, seeded, class-mixed set of images (its run of a permutation
+    of the sorted list); keys stay sorted-list indices, labels follow them, the manifest counts are exact, and a
+    rerun with the same config skips every shard."""
+    from data_pipeline.plan import shard_plan
+    from data_pipeline.run import parse_args, precompute
+
+    bucket, good = dataset_bucket
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    cfg, _ = parse_args(job_args(bucket, "shuffled", **{"shard-order": "shuffled", "seed": 3}))
+    res = precompute(cfg, executor="inline")
+    m = res["manifest"]
+    assert res["written"] == [0, 1, 2, 3, 4] and m["shard_order"] == "shuffled"
+    all_keys = sorted([k for k, _ in good] + [f"{CLASSES[1]}/broken.JPEG"])
+    broken = all_keys.index(f"{CLASSES[1]}/broken.JPEG")
+    label_of = {all_keys.index(k): c for k, c in good}
+    plan = shard_plan(25, 5, "shuffled", 3)
+    assert plan != shard_plan(25, 5) and sorted(i for ix in plan for i in ix) == list(range(25))
+    import webdataset as wds
+
+    from igscale.io.loader import register_s3_gopen
+
+    register_s3_gopen()
+    mixed = 0
+    for s, ix in zip(m["shards"], plan):
+        smp = list(wds.tarfile_to_samples()(iter([{"url": s["url"]}])))
+        assert [int(x["__key__"]) for x in smp] == [i for i in ix if i != broken]
+        assert [int(x["cls"]) for x in smp] == [label_of[int(x["__key__"])] for x in smp]
+        assert s["count"] == len(smp) and (s["first_index"], s["last_index"]) == (min(ix), max(ix))
+        mixed += len({int(x["cls"]) for x in smp}) > 1
+    assert mixed >= 4  # sorted order: at most 2 of the 5 shards cross a class boundary (8 images per class)
+    assert m["num_samples"] == 24 and [c["index"] for c in m["corrupt"]] == [broken]
+    again = precompute(cfg, executor="inline")
+    assert again["written"] == [] and again["skipped"] == [0, 1, 2, 3, 4]
