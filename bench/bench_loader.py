@@ -91,7 +91,10 @@ def raw_get(store: S3Storage, keys: list[str], workers: int) -> float:
 def pin(pid: int, cpus: set[int]) -> None:
     """CPU affinity of every thread of process `pid` (threads and processes started later inherit it)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
 
 
 def loader_epoch(ld: LatentLoader) -> tuple[float, float, int, int]:
