@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         _run([py, "-m", "data_pipeline.run", "--executor", "ray", "--input", f"{root}/images",
               "--output", f"{root}/latents", "--vae-kind", "sd-vae", "--vae-weights", f"{root}/weights/vae",
               "--resolution", "64", "--mode", "mean_std", "--samples-per-shard", "32", "--batch-size", "16",
-              "--max-workers", "2"], env, logs / "precompute.log")
+              "--max-workers", "2", "--shard-order", "shuffled"], env, logs / "precompute.log")
         manifest = json.loads(open_storage(f"{root}/latents").get_bytes("manifest.json"))
         _say(f"latents: {manifest.get('num_samples', '?')} samples in {len(manifest.get('shards', []))} shards")
 
