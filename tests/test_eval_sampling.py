@@ -1,9 +1,12 @@
-"""Sampling job: identical images for any world size / batch size, exact resume after SIGKILL, S3 output.
+"""Sampling job: identical images for any world size (fast default mode, fixed batch size) and any batch size
+(batch-invariant mode), job identity per mode, exact resume after SIGKILL, S3 output.
 
 Runs the real `igscale sample` CLI (single process and torchrun with 2 gloo ranks) on a tiny random-weight export.
 """
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,15 +86,19 @@ def _load(out):
 
 @pytest.fixture(scope="module")
 def reference_run(export_dir, tmp_path_factory):
+    """The CLI in its default (fast) mode, batch 4: (images, labels, output folder)."""
     out = tmp_path_factory.mktemp("ref") / "out"
     _run(_cmd(export_dir, out, batch=4), out.parent)
-    return _load(str(out))
+    return (*_load(str(out)), out)
 
 
 @pytest.mark.slow
 def test_world_size_invariance(export_dir, reference_run, tmp_path):
-    """1 process vs 2 gloo ranks (torchrun), through the real VAE decode: identical npz."""
-    imgs, labels = reference_run
+    """Default (fast) mode, same batch size: 1 process vs 2 gloo ranks (torchrun), through the real VAE decode,
+    give identical samples.npz."""
+    imgs, labels, out = reference_run
+    job = json.loads((out / "job.json").read_text())
+    assert job["batch_invariant"] is False and job["batch_size"] == 4  # the CLI default, batch size recorded
     assert imgs.shape == (N, 64, 64, 3) and imgs.dtype == np.uint8 and labels.shape == (N,)
     assert imgs.std() > 1 and len(np.unique(labels)) > 3  # not a degenerate output
     assert len({imgs[i].tobytes() for i in range(N)}) == N
@@ -123,7 +130,7 @@ def test_resume_after_sigkill(export_dir, reference_run, tmp_path):
     rewritten = {f"chunk_{int(k):06d}.npz" for k in re.findall(r"\] chunk (\d+) written", log)}
     assert rewritten.isdisjoint(done_before)
     assert sorted(rewritten | set(done_before)) == [f"chunk_{k:06d}.npz" for k in range(N // CHUNK)]
-    imgs, labels = _load(str(out))
+    imgs, labels = _load(str(out))  # fast mode: same batch size as the reference, other world size
     np.testing.assert_array_equal(labels, reference_run[1])
     np.testing.assert_array_equal(imgs, reference_run[0])
 
@@ -132,17 +139,18 @@ def _raw(lat):  # expose the float32 bits as uint8 "pixels" so nothing is hidden
     return lat.permute(0, 2, 3, 1).contiguous().numpy().view(np.uint8)
 
 
-def _raw_run(out, batch, envs, model):
+def _raw_run(out, batch, envs, model, invariant=False):
     sampler = SamplerConfig(method="heun", num_steps=4)
     guidance = GuidanceConfig(w_cfg=2.0, cfg_interval=(0.3, 0.9), w_ig=1.5)
-    cfg = GenerationConfig(num_samples=12, seed=3, chunk_size=3, batch_size=batch, labels="random")
+    cfg = GenerationConfig(num_samples=12, seed=3, chunk_size=3, batch_size=batch, labels="random",
+                           batch_invariant=invariant)
     for env in envs:  # ranks run one after another here; their chunk sets are disjoint
         generate(model, _raw, cfg, sampler, guidance, str(out), env, settings={}, log=lambda s: None)
     return np.concatenate([np.load(os.path.join(out, chunk_key(k)))["arr_0"] for k in range(4)])
 
 
 def test_bitwise_latents_independent_of_world_size(tmp_path):
-    """At a fixed per-rank batch, the float32 latent bits do not depend on the world size."""
+    """Default (fast) mode at a fixed per-rank batch: the float32 latent bits do not depend on the world size."""
     model = tiny_model(seed=1)
     one = _raw_run(tmp_path / "w1", 2, [DistEnv()], model)
     three = _raw_run(tmp_path / "w3", 2, [DistEnv(rank=r, world_size=3) for r in range(3)], model)
@@ -150,13 +158,22 @@ def test_bitwise_latents_independent_of_world_size(tmp_path):
 
 
 def test_bitwise_latents_independent_of_batch(tmp_path):
+    """Batch-invariant mode: the float32 latent bits do not depend on the batch size (1 vs 3)."""
     model = tiny_model(seed=1)
-    np.testing.assert_array_equal(_raw_run(tmp_path / "b1", 1, [DistEnv()], model),
-                                  _raw_run(tmp_path / "b3", 3, [DistEnv()], model))
+    np.testing.assert_array_equal(_raw_run(tmp_path / "b1", 1, [DistEnv()], model, invariant=True),
+                                  _raw_run(tmp_path / "b3", 3, [DistEnv()], model, invariant=True))
 
 
-def test_batch_size_invariance_pixels(export_dir, reference_run, tmp_path):
-    """generate() in-process with the same export, VAE and settings as the CLI reference run, batch 3 instead of 4."""
+def _recording(decode, sizes):
+    def rec(lat):
+        sizes.append(lat.shape[0])
+        return decode(lat)
+    return rec
+
+
+def test_batch_invariant_rerun_with_other_batch_size_pixels(export_dir, tmp_path):
+    """Batch-invariant mode through the real VAE: a folder half done with batch 4 is completed with batch 3 (accepted:
+    batch_size is not part of its identity), and every chunk is bitwise equal to an uninterrupted batch-4 run."""
     import argparse
 
     from igscale.eval.setup import build_decoder, sampler_from_args
@@ -166,12 +183,60 @@ def test_batch_size_invariance_pixels(export_dir, reference_run, tmp_path):
                               cfg_interval=[0.0, 0.7], w_ig=1.4, ig_interval=[0.1, 1.0])
     decode, _ = build_decoder(args, "cpu")
     sampler, guidance = sampler_from_args(args)
-    cfg = GenerationConfig(num_samples=N, seed=7, chunk_size=CHUNK, batch_size=3)
-    generate(load_export(export_dir[0]), decode, cfg, sampler, guidance, str(tmp_path), DistEnv(), settings={},
+    model, n = load_export(export_dir[0]), 4 * CHUNK
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    sizes = []
+    cfg4 = GenerationConfig(num_samples=n, seed=7, chunk_size=CHUNK, batch_size=4, batch_invariant=True)
+    generate(model, _recording(decode, sizes), cfg4, sampler, guidance, str(ref), DistEnv(), settings={},
              log=lambda s: None)
-    imgs = np.concatenate([np.load(tmp_path / chunk_key(k))["arr_0"] for k in range(N // CHUNK)])
-    assert imgs.shape == reference_run[0].shape
-    np.testing.assert_array_equal(imgs, reference_run[0])
+    assert set(sizes) == {1}  # the VAE decodes one image at a time in this mode
+    assert "batch_size" not in json.loads((ref / "job.json").read_text())
+    (part / "chunks").mkdir(parents=True)
+    shutil.copy(ref / "job.json", part / "job.json")
+    for k in (0, 2):  # the chunks rank 0 of 2 would have written before a preemption
+        shutil.copy(ref / chunk_key(k), part / chunk_key(k))
+    cfg3 = GenerationConfig(num_samples=n, seed=7, chunk_size=CHUNK, batch_size=3, batch_invariant=True)
+    written = generate(model, decode, cfg3, sampler, guidance, str(part), DistEnv(), settings={}, log=lambda s: None)
+    assert written == [1, 3]  # batches of 3 + 1 per chunk
+    for k in range(4):
+        a, b = np.load(ref / chunk_key(k))["arr_0"], np.load(part / chunk_key(k))["arr_0"]
+        assert a.shape == (CHUNK, 64, 64, 3) and a.std() > 1
+        np.testing.assert_array_equal(b, a)
+
+
+def test_fast_mode_rerun_with_other_batch_size_is_refused(tmp_path):
+    """Default (fast) mode records batch_size in job.json: another batch size is refused, another world size is not."""
+    model = tiny_model()
+    sampler = SamplerConfig(method="euler", num_steps=2)
+    cfg = GenerationConfig(num_samples=6, chunk_size=3, batch_size=2)
+    assert cfg.batch_invariant is False  # the default
+    out, sizes = str(tmp_path / "o"), []
+    generate(model, _recording(_raw, sizes), cfg, sampler, GuidanceConfig(), out, DistEnv(rank=0, world_size=2),
+             settings={}, log=lambda m: None)
+    assert sizes == [2, 1]  # one batched decode per batch (chunk 0 = samples 0..2)
+    assert json.loads((tmp_path / "o" / "job.json").read_text())["batch_size"] == 2
+    other = GenerationConfig(num_samples=6, chunk_size=3, batch_size=3)
+    with pytest.raises(ValueError, match=r"differ in \['batch_size'\]\); fast mode fixes batch_size .*batch_size=2;"):
+        generate(model, _raw, other, sampler, GuidanceConfig(), out, DistEnv(), settings={}, log=lambda m: None)
+    inv = GenerationConfig(num_samples=6, chunk_size=3, batch_size=2, batch_invariant=True)
+    mixed = r"differ in \['batch_invariant', 'batch_size'\]\); the folder was made with batch_invariant=False"
+    with pytest.raises(ValueError, match=mixed):  # never mix modes in one folder
+        generate(model, _raw, inv, sampler, GuidanceConfig(), out, DistEnv(), settings={}, log=lambda m: None)
+    # same batch size on one rank instead of two: accepted, only the missing chunk is generated
+    assert generate(model, _raw, cfg, sampler, GuidanceConfig(), out, DistEnv(), settings={},
+                    log=lambda m: None) == [1]
+
+
+def test_cli_batch_mode_flags():
+    from igscale.cli import sample as cli_sample
+    from igscale.cli import sweep as cli_sweep
+
+    base = ["--out", "o", "--export", "e"]
+    sweep = [*base, "--ref", "r.npz", "--inception", "w.pth"]
+    for parser, argv in ((cli_sample.build_parser(), base), (cli_sweep.build_parser(), sweep)):
+        assert parser.parse_args(argv).batch_invariant is False
+        assert parser.parse_args([*argv, "--batch-invariant"]).batch_invariant is True
+        assert parser.parse_args([*argv, "--no-batch-invariant"]).batch_invariant is False  # old spelling
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):

@@ -29,10 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sample i uses seed+i")
     g.add_argument("--labels", choices=["random", "balanced"], default="random")
     g.add_argument("--chunk-size", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=64, help="per-rank batch (does not change the images)")
-    g.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
-                   help="use plain batched kernels (faster; images then differ in the last bit across batch sizes)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="per-rank batch; fixed per output folder unless --batch-invariant (the world size may change)")
+    add_batch_mode_args(g)
     return p
+
+
+def add_batch_mode_args(g) -> None:
+    """Fast plain batched kernels by default; --batch-invariant opts in to batch-size-independent images."""
+    g.add_argument("--batch-invariant", dest="batch_invariant", action="store_true", default=False,
+                   help="per-sample GEMMs and per-image VAE decode: images bitwise independent of --batch-size too "
+                        "(slower, especially on GPUs)")
+    g.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="plain batched kernels (the default; kept so older command lines still work)")
 
 
 def main(argv: list[str] | None = None) -> int:

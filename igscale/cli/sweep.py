@@ -11,6 +11,7 @@ import argparse
 import json
 
 from igscale.cli.common import run_distributed
+from igscale.cli.sample import add_batch_mode_args
 from igscale.config.typed import to_dict
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.evaluate import evaluate_npz, extract_features, fetch_local
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--labels", choices=["random", "balanced"], default="random")
     g.add_argument("--chunk-size", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="per-rank sampling batch (see igscale sample)")
+    add_batch_mode_args(g)
     g.add_argument("--eval-batch-size", type=int, default=64)
     return p
 
@@ -63,7 +65,7 @@ def _run(args, env) -> int:
     sampler, base = sampler_from_args(args, guidance_overrides=False)
     grid = make_grid(base, args.w_ig, args.w_cfg, args.cfg_interval, args.ig_interval)
     cfg = GenerationConfig(num_samples=args.num_samples, seed=args.seed, labels=args.labels,
-                           chunk_size=args.chunk_size, batch_size=args.batch_size)
+                           chunk_size=args.chunk_size, batch_size=args.batch_size, batch_invariant=args.batch_invariant)
     model, model_meta = load_model(args)
     decode, dec_meta = build_decoder(args, device)
     inception = load_inception(args.inception, device)

@@ -115,7 +115,9 @@ def _run(cfg) -> int:
     from igscale.io.loader import LatentLoader
     from igscale.io.metrics import MetricsSink, peak_flops
     from igscale.models import build_model
+    from igscale.models.compile import apply_compile, resolve_compile_mode
     from igscale.models.flops import train_flops_per_image
+    from igscale.ops.attention import attention_kind
     from igscale.training.loop import EXIT_OK, Trainer
     from igscale.training.muon import MuonWithAdam, muon_param_groups
     from igscale.training.samples import make_sample_fn
@@ -135,8 +137,8 @@ def _run(cfg) -> int:
         model = build_model(cfg.model.name, **cfg.model.overrides).to(device)
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
         model_config = model.config
-        if cfg.model.compile:
-            model.compile()  # in place: parameter names (and checkpoints) stay unprefixed
+        compile_mode = resolve_compile_mode(cfg.model.compile, device.type, cfg.engine.zero_stage)
+        apply_compile(model, compile_mode, backend=cfg.model.compile_backend, fullgraph=cfg.engine.zero_stage < 3)
         loader = LatentLoader(cfg.data.manifest_url, batch_size=micro, rank=rank, world_size=world,
                               num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                               shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
@@ -162,7 +164,13 @@ def _run(cfg) -> int:
                               flops_per_image=train_flops_per_image(model_config),
                               peak=peak_flops(cfg.logging.peak_tflops), world_size=world,
                               jsonl=os.path.join(run_dir, "train_log.jsonl"))
-        sampler = make_sample_fn(cfg, model_config) if rank == 0 and cfg.sample.every_steps else None
+        sampler = make_sample_fn(cfg, model_config, device) if rank == 0 and cfg.sample.every_steps else None
+        if rank == 0:
+            print(f"igscale train: {world} rank(s) on {device.type}; compile={compile_mode}"
+                  f"{f' ({cfg.model.compile_backend})' if compile_mode != 'none' else ''}, attention="
+                  f"{attention_kind(device)}, optimizer={type(engine.optimizer).__name__}"
+                  f"{' (skips non-finite steps on the device)' if engine.device_skip else ' (host-checked skips)'}, "
+                  f"tf32={'on' if cfg.engine.tf32 and device.type == 'cuda' else 'off'}", flush=True)
         trainer = Trainer(cfg, engine, loader, ckpt, metrics, rank=rank, world_size=world, device=device,
                           num_samples=getattr(loader, "num_samples", None), sampler=sampler)
         trainer.install_signal_handlers()

@@ -29,8 +29,12 @@ class ModelSection:
     """Keyword overrides for build_model (input_size, hidden_size, depth, ig_layers, ...)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward (model.set_activation_checkpointing)."""
-    compile: bool = False
-    """Wrap the model in torch.compile before handing it to DeepSpeed."""
+    compile: Literal["auto", "blocks", "full", "none"] = "auto"
+    """torch.compile before DeepSpeed sees the model. blocks: each transformer block and head compiled on its own
+    (regional; fast to compile, composes with activation checkpointing); full: the whole model; auto: blocks on
+    CUDA below ZeRO-3, none on CPU and under ZeRO-3 (whose parameter hooks break compiled graphs)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager compiles quickly and is used by CPU smoke runs)."""
 
 
 @dataclass(kw_only=True)

@@ -13,20 +13,25 @@ import torch
 import torch.distributed as dist
 
 from igscale.config.schema import RunConfig
+from igscale.distributed.collectives import all_gather
 
 __all__ = ["build_ds_config", "DeepSpeedEngine", "init_deepspeed_distributed", "assemble_flat"]
 
 
-def assemble_flat(pieces: list[tuple[int, torch.Tensor]], shape: list[int], numel: int) -> torch.Tensor:
-    """Full tensor from (start, flat piece) slices of its flattened form; ZeRO-3 padding past numel is dropped."""
-    full = torch.zeros(numel, dtype=torch.float32)
+def assemble_flat(pieces: list[tuple[int, torch.Tensor]], shape: list[int], numel: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Full fp32 tensor on `device` from (start, flat piece) slices of its flattened form; ZeRO-3 padding past
+    numel is dropped."""
+    full = torch.zeros(numel, dtype=torch.float32, device=device)
     for start, piece in pieces:
         n = max(0, min(piece.numel(), numel - start))
-        full[start:start + n] = piece.detach().float().cpu().flatten()[:n]
+        full[start:start + n] = piece.detach().float().flatten()[:n].to(device)
     return full.view(shape)
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+def build_ds_config(cfg: RunConfig, world_size: int, *, device_skip: bool = False) -> dict:
+    """device_skip: the optimizer skips non-finite steps on the device (`found_inf`), so DeepSpeed's own bf16
+    overflow check, a host sync and an extra all-reduce every step, is turned off."""
     e = cfg.engine
     zero: dict = {"stage": e.zero_stage}
     if e.zero_stage >= 1:
@@ -41,7 +46,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": e.grad_accum,
         "gradient_clipping": e.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": e.precision == "bf16"},
+        "bf16": {"enabled": e.precision == "bf16", "check_grad_overflow": not device_skip},
         "fp16": {"enabled": e.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
@@ -69,7 +74,8 @@ def _build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kw)
+        # fused on CUDA and CPU alike: one kernel per step, and it can skip a step on the device (found_inf)
+        return torch.optim.AdamW(params, fused=True, **kw)
     if o.name == "fused_adam":
         if not torch.cuda.is_available():
             raise ValueError("optim.name=fused_adam needs CUDA; use adamw (or cpu_adam with offload) on CPU")
@@ -83,8 +89,33 @@ def _build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name={o.name!r} must be built by the caller and passed as `optimizer=`")
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours a `found_inf` device tensor (skips the update and keeps its state)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) or getattr(optimizer, "supports_found_inf",
+                                                                                  False))
+
+
+def _guard_on_host(optimizer: torch.optim.Optimizer) -> None:
+    """For optimizers without device-side skipping: check `found_inf` on the host (one sync per step)."""
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        found = getattr(optimizer, "found_inf", None)
+        if found is not None and bool(found):
+            return None
+        return inner(*args, **kwargs)
+
+    optimizer.step = step
+
+
 class DeepSpeedEngine:
-    """Wraps deepspeed.initialize. `optimizer` may be given (e.g. Muon); otherwise it is built from cfg.optim."""
+    """Wraps deepspeed.initialize. `optimizer` may be given (e.g. Muon); otherwise it is built from cfg.optim.
+
+    Non-finite steps are skipped through the client optimizer's `found_inf`: `step(skip)` takes a device flag (the
+    trainer's agreed loss check, or a requested halt), and a step pre-hook adds DeepSpeed's global gradient norm
+    (or, without ZeRO, the norm this class computes) so a step with finite loss but non-finite gradients is skipped
+    too. Everything stays on the device; DeepSpeed's own overflow check is off where the optimizer can skip.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, *, world_size: int,
                  optimizer: torch.optim.Optimizer | None = None):
@@ -92,12 +123,15 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         self.zero_stage = cfg.engine.zero_stage
-        self.ds_config = build_ds_config(cfg, world_size)
         if cfg.engine.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if optimizer is None:
             optimizer = _build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        self.device_skip = skips_on_device(optimizer)
+        if not self.device_skip:
+            _guard_on_host(optimizer)
+        self.ds_config = build_ds_config(cfg, world_size, device_skip=self.device_skip)
         for g in optimizer.param_groups:  # LR schedules scale each group's own base LR (Muon and Adam differ)
             g.setdefault("base_lr", g["lr"])
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -106,6 +140,12 @@ class DeepSpeedEngine:
         )
         self.module: torch.nn.Module = self.ds.module
         self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self._views: list[tuple[str, torch.Tensor]] | None = None
+        self._skip: torch.Tensor | None = None
+        self._own_norm: torch.Tensor | None = None
+        # ZeRO 1-3 and DeepSpeed's bf16 optimizer compute the global norm (set before the client's step runs)
+        self._ds_norm = hasattr(self.ds.optimizer, "_global_grad_norm")
+        optimizer.register_step_pre_hook(self._set_found_inf)
 
     # -- training ------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -114,12 +154,36 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
-    def step(self) -> None:
-        if self.zero_stage == 0 and self.ds.is_gradient_accumulation_boundary():
-            # Without ZeRO, DeepSpeed clips but does not report the norm; grads are already all-reduced here.
-            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
-            self._own_norm = float(torch.stack(grads).norm()) if grads else float("nan")
-        self.ds.step()
+    def step(self, skip: torch.Tensor | None = None) -> None:
+        """DeepSpeed step; at the accumulation boundary `skip` (a device bool/float scalar) voids the update."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and not self._ds_norm:
+            # The plain client optimizer (no ZeRO, no DeepSpeed bf16 wrapper): DeepSpeed clips but reports no norm.
+            # The gradients are already all-reduced here, so the norm is the same on every rank.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._own_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads \
+                else None
+        self._skip = skip if boundary else None
+        try:
+            self.ds.step()
+        finally:
+            self._skip = None
+
+    def _set_found_inf(self, optimizer, _args, _kwargs) -> None:
+        """Step pre-hook of the client optimizer: found_inf = requested skip | non-finite global gradient norm."""
+        norm = getattr(self.ds.optimizer, "_global_grad_norm", None) if self._ds_norm else self._own_norm
+        bad = None
+        if torch.is_tensor(norm):
+            bad = ~torch.isfinite(norm.float())
+        if self._skip is not None:
+            s = self._skip.bool()
+            bad = s if bad is None else bad | s.to(bad.device)
+        if bad is None:
+            optimizer.found_inf = None
+            return
+        dev = next((p.device for g in optimizer.param_groups for p in g["params"]), bad.device)
+        optimizer.found_inf = bad.to(dev, torch.float32, non_blocking=True).reshape(())
+        optimizer.grad_scale = None
 
     def is_boundary(self) -> bool:
         return self.ds.is_gradient_accumulation_boundary()
@@ -134,9 +198,13 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.ds.optimizer.param_groups[0]["lr"])
 
+    def grad_norm_value(self) -> torch.Tensor | float:
+        """The last step's global gradient norm as DeepSpeed left it (often a device tensor: read it lazily)."""
+        n = self.ds.get_global_grad_norm() if self._ds_norm else self._own_norm
+        return float("nan") if n is None else n
+
     def grad_norm(self) -> float:
-        n = self.ds.get_global_grad_norm()
-        return float(n) if n is not None else getattr(self, "_own_norm", float("nan"))
+        return float(self.grad_norm_value())
 
     def low_precision_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.engine.precision, torch.float32)
@@ -150,6 +218,8 @@ class DeepSpeedEngine:
         - otherwise: the full parameter (identical on every rank).
         A view is a flat slice starting at `view_layout()[name][0]` of the flattened parameter.
         """
+        if self._views is not None:
+            return self._views
         params = dict(self.module.named_parameters())
         out = []
         for n in self._names:
@@ -164,6 +234,8 @@ class DeepSpeedEngine:
                 out.append((n, m.get_hp_fragment() if m is not None else p.new_empty(0, dtype=torch.float32)))
             else:
                 out.append((n, p))
+        if self.zero_stage < 3:  # views into persistent fp32 buffers (or the parameters): build the list once
+            self._views = out
         return out
 
     @property
@@ -191,15 +263,13 @@ class DeepSpeedEngine:
         """Collective: the full tensor of `name` from every rank's view-shaped `shard` (e.g. an EMA shard)."""
         start, shape, numel = self.view_layout()[name]
         if not self.sharded_views or not dist.is_initialized():
-            return shard.detach().clone().view(shape)
-        metas = [None] * dist.get_world_size()
-        dist.all_gather_object(metas, (start, shard.numel()))
+            return shard.detach().float().clone().view(shape)
+        metas = [tuple(int(v) for v in m) for m in all_gather(torch.tensor([start, shard.numel()]))]
         width = max(n for _, n in metas)
         padded = torch.zeros(width, dtype=shard.dtype, device=shard.device)
         padded[: shard.numel()] = shard.detach().flatten()
-        parts = [torch.empty_like(padded) for _ in metas]
-        dist.all_gather(parts, padded)
-        return assemble_flat([(s, part[:n]) for (s, n), part in zip(metas, parts)], shape, numel)
+        parts = all_gather(padded)
+        return assemble_flat([(s, part[:n]) for (s, n), part in zip(metas, parts)], shape, numel, shard.device)
 
     @contextlib.contextmanager
     def full_params(self):
@@ -212,9 +282,13 @@ class DeepSpeedEngine:
         else:
             yield self.module
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, *, frozen_only: bool = False, device: torch.device | str = "cpu"
+                        ) -> dict[str, torch.Tensor]:
+        """Collective under ZeRO-3: every (or, frozen_only, every non-trainable) state-dict tensor, fp32 on device."""
+        trainable = set(self._names) if frozen_only else set()
         with self.full_params() as m:
-            return {k: v.detach().float().cpu().clone() for k, v in m.state_dict().items()}
+            return {k: v.detach().to(device, torch.float32, copy=True) for k, v in m.state_dict().items()
+                    if k not in trainable}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save(self, save_dir: str, tag: str) -> None:

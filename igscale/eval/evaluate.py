@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from igscale.distributed.collectives import all_gather
 from igscale.distributed.env import DistEnv
 from igscale.eval.fid import GaussianStats, compute_stats
 from igscale.eval.inception import InceptionV3
@@ -83,8 +83,7 @@ def extract_features(
         if env.world_size > 1:
             padded = torch.zeros(per, dim, device=device)
             padded[: len(local)] = local
-            gathered = [torch.empty_like(padded) for _ in range(env.world_size)]
-            dist.all_gather(gathered, padded)
+            gathered = all_gather(padded)
             local = torch.cat([g[: max(0, min(per, n - r * per))] for r, g in enumerate(gathered)])
         feats[k] = local.cpu().numpy()
     return feats

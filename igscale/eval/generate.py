@@ -1,11 +1,15 @@
 """Chunked, resumable, world-size-invariant generation of evaluation samples.
 
 Sample i has seed `seed + i`. Its initial noise (stream 0), label (stream 1, random protocol) and SDE increments
-(the sampler's stream) all derive from that seed alone, so the images do not depend on how samples are batched or
-spread over ranks. Work is cut into fixed chunks of `chunk_size` consecutive samples; chunk k belongs to rank
-k % world_size. A finished chunk is one atomic object `chunks/chunk_<k>.npz` (local folder or S3), so a rerun of the
-same job skips it and regenerates only what is missing. Rank 0 then streams the chunks, in index order, into the
-ADM-format `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) and writes `samples.json` with every setting.
+(the sampler's stream) all derive from that seed alone. Work is cut into fixed chunks of `chunk_size` consecutive
+samples; chunk k belongs to rank k % world_size and is cut, from its start, into batches of `batch_size`. A sample's
+batch therefore depends on (chunk_size, batch_size) only, never on the world size or the rank layout, so the images
+are bitwise independent of both in either mode. The default (fast) mode runs plain batched kernels, whose last bits
+depend on the batch, so batch_size is part of the job identity; batch-invariant mode (opt-in, slower) also makes the
+images independent of batch_size. A finished chunk is one atomic object `chunks/chunk_<k>.npz` (local folder or
+S3), so a rerun of the same job skips it and regenerates only what is missing. Rank 0 then streams the chunks, in
+index order, into the ADM-format `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) and writes `samples.json` with
+every setting.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from igscale.io.storage import Storage, is_s3_url, open_storage
 from igscale.ops.linear import batch_invariant
 from igscale.vae import quantize
 
-__all__ = ["GenerationConfig", "chunk_key", "generate", "assemble", "latents_to_uint8", "JOB_FILE", "SAMPLES_NPZ"]
+__all__ = ["GenerationConfig", "chunk_key", "decode_batch", "generate", "assemble", "latents_to_uint8", "JOB_FILE",
+           "SAMPLES_NPZ"]
 
 JOB_FILE, SAMPLES_NPZ, SAMPLES_JSON = "job.json", "samples.npz", "samples.json"
 NOISE_STREAM = 0
@@ -48,10 +53,12 @@ class GenerationConfig:
     chunk_size: int = 1000
     """Samples per resumable unit (fixed per job; changing it needs a new output folder)."""
     batch_size: int = 64
-    """Per-rank batch; does not change the images (with batch_invariant)."""
-    batch_invariant: bool = True
-    """Per-sample GEMMs in the model and per-image VAE decode, so images are bitwise independent of batch size
-    (igscale.ops.linear.batch_invariant). Off: plain batched kernels, faster, last-bit differences across batch sizes."""
+    """Per-rank batch. Fast mode: changes the images in the last bits, so it is fixed per job (job.json).
+    Batch-invariant mode: does not change the images, so a rerun may use another one."""
+    batch_invariant: bool = False
+    """On: per-sample GEMMs in the model and per-image VAE decode, so images are bitwise independent of batch size
+    (igscale.ops.linear.batch_invariant); slower, especially on GPUs. Off (default): plain batched kernels; images
+    are still bitwise independent of the world size at a fixed batch_size."""
 
     def __post_init__(self):
         for k in ("num_samples", "chunk_size", "batch_size"):
@@ -77,9 +84,13 @@ def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _job_identity(cfg: GenerationConfig, settings: dict) -> dict:
-    # Everything that changes the pixels. batch_size and world size are deliberately absent.
-    return {"num_samples": cfg.num_samples, "seed": cfg.seed, "labels": cfg.labels, "chunk_size": cfg.chunk_size,
-            "batch_invariant": cfg.batch_invariant, **settings}
+    # Everything that changes the pixels. World size never does (batches are cut per chunk); batch_size does only
+    # with plain batched kernels, so it is recorded in fast mode and left out in batch-invariant mode.
+    ident = {"num_samples": cfg.num_samples, "seed": cfg.seed, "labels": cfg.labels, "chunk_size": cfg.chunk_size,
+             "batch_invariant": cfg.batch_invariant, **settings}
+    if not cfg.batch_invariant:
+        ident["batch_size"] = cfg.batch_size
+    return ident
 
 
 def _check_job(store: Storage, ident: dict, env: DistEnv) -> None:
@@ -89,13 +100,26 @@ def _check_job(store: Storage, ident: dict, env: DistEnv) -> None:
             old = json.loads(store.get_text(JOB_FILE))
             if old != ident:
                 diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+                hint = ""
+                if "batch_invariant" in diff:  # e.g. a folder started before fast mode became the default
+                    hint = f"; the folder was made with batch_invariant={old.get('batch_invariant')}"
+                elif "batch_size" in diff:
+                    hint = f"; fast mode fixes batch_size per job and the folder has batch_size={old.get('batch_size')}"
                 raise ValueError(
-                    f"{store.url()} holds chunks of a different job (settings differ in {diff}); "
+                    f"{store.url()} holds chunks of a different job (settings differ in {diff}){hint}; "
                     "use a new output folder or delete the old one"
                 )
         else:
             store.put_text(JOB_FILE, json.dumps(ident, indent=2, sort_keys=True))
     barrier()
+
+
+def decode_batch(decode: Callable[[torch.Tensor], np.ndarray], lat: torch.Tensor, per_image: bool) -> list[np.ndarray]:
+    """Fast mode: one batched decode. Batch-invariant mode: the VAE's convs pick kernels by batch size, so each
+    image is decoded alone."""
+    if per_image:
+        return [decode(lat[i:i + 1]) for i in range(lat.shape[0])]
+    return [decode(lat)]
 
 
 @torch.no_grad()
@@ -142,10 +166,7 @@ def generate(
             y = torch.as_tensor(labels[s:e], device=device)
             with batch_invariant(cfg.batch_invariant):
                 lat = sample(model, noise, y, sampler, guidance, null_class=mc.num_classes, seeds=seeds)
-            if cfg.batch_invariant:  # the VAE's convs pick kernels by batch size: decode one image at a time
-                images.extend(decode(lat[i:i + 1]) for i in range(lat.shape[0]))
-            else:
-                images.append(decode(lat))
+            images.extend(decode_batch(decode, lat, cfg.batch_invariant))
             bar.update(e - s)
         buf = io.BytesIO()
         np.savez(buf, arr_0=np.concatenate(images), labels=labels[lo:hi], indices=np.arange(lo, hi))

@@ -18,8 +18,8 @@ import signal
 import time
 from collections.abc import Callable
 
-import torch.distributed as dist
-
+from igscale.distributed.collectives import all_ok
+from igscale.distributed.env import barrier
 from igscale.io.storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "tag_for", "step_of"]
@@ -75,7 +75,7 @@ class Checkpointer:
             self.storage.put_text(f"{tag}/_ranks/{self.rank:05d}.json", json.dumps({"files": files}))
         except Exception as e:  # keep going to the collective so other ranks do not hang
             ok, err = 0, e
-        if not _all_ok(ok):
+        if not all_ok(bool(ok)):
             raise RuntimeError(f"checkpoint {tag}: upload failed on some rank; `latest` left unchanged") from err
         if self.rank == 0:
             markers = [k for k in self.storage.list(f"{tag}/_ranks/") if k.endswith(".json")]
@@ -85,7 +85,7 @@ class Checkpointer:
             self.storage.put_text(f"{tag}/{COMPLETE}", json.dumps(info))
             self.storage.put_text(LATEST, tag)  # the commit point
             self._retention(tag)
-        _barrier()
+        barrier()
         shutil.rmtree(local, ignore_errors=True)
         return tag
 
@@ -137,17 +137,3 @@ class Checkpointer:
     def read_meta(self, tag: str) -> dict:
         return json.loads(self.storage.get_text(f"{tag}/{COMPLETE}"))
 
-
-def _all_ok(ok: int) -> bool:
-    if dist.is_initialized():
-        import torch
-
-        t = torch.tensor([ok], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-    return bool(ok)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -19,6 +19,13 @@ def flash_available() -> bool:
     return _flash_attn_func is not None and torch.cuda.is_available()
 
 
+def attention_kind(device: torch.device | str) -> str:
+    """What `backend="auto"` runs on this device for bf16/fp16 inputs (for start-up logs and benchmarks)."""
+    if torch.device(device).type != "cuda":
+        return "sdpa (cpu)"
+    return "flash_attn" if _flash_attn_func is not None else "sdpa (flash kernel)"
+
+
 def _use_flash(q: torch.Tensor) -> bool:
     return _flash_attn_func is not None and q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256
 

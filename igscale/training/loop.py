@@ -1,6 +1,11 @@
 """Trainer: data -> step -> EMA -> metrics -> samples -> checkpoints, with resume, preemption and NaN limits.
 
 The trainer is handed its adapters (engine, loader, checkpointer, metrics sink) by the CLI and never builds them.
+The host runs one step ahead of its bookkeeping: step j's forward/backward are queued, then step j-1's flags (ready
+by then) are read, its EMA update queued and its losses logged, then step j's optimizer update is queued. So the
+device never waits for the host. A stop that step j-1 asks for (preemption, too many non-finite losses) voids step j
+on the device and checkpoints the state after step j-1, exactly where a synchronous loop would have stopped.
+Before checkpoints, sample grids and the last step the loop reads the flags at once.
 Exit codes (docs/training.md): 0 finished, 75 preempted after a checkpoint (requeue), 3 stopped after too many
 non-finite losses (checkpointed; do not requeue blindly).
 """
@@ -21,7 +26,7 @@ from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
 from igscale.training.rng import seed_global
 from igscale.training.state import TrainState
-from igscale.training.step import train_step
+from igscale.training.step import StepResult, launch_step
 
 __all__ = ["Trainer", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_NONFINITE", "total_steps_for"]
 
@@ -50,6 +55,7 @@ class Trainer:
         self.ema = EMA(engine.param_views(), cfg.train.ema_decay)
         self._signal: int | None = None
         self._data = None
+        self._loader_state: dict | None = None  # set when a voided step's batches were already drawn
         self.losses: list[tuple[int, float]] = []
 
     # -- signals -------------------------------------------------------------------------------------------
@@ -73,7 +79,8 @@ class Trainer:
         self.engine.save(staging, tag)
         d = os.path.join(staging, tag)
         os.makedirs(d, exist_ok=True)
-        torch.save({"state": self.state.state_dict(), "loader": self.loader.state_dict(),
+        loader_state = self._loader_state if self._loader_state is not None else self.loader.state_dict()
+        torch.save({"state": self.state.state_dict(), "loader": loader_state,
                     "torch_rng": torch.get_rng_state()}, os.path.join(d, f"trainer_rank{self.rank:05d}.pt"))
         if self._ema_owner():
             torch.save({"ema": self.ema.state_dict(), "layout": self.engine.view_layout(),
@@ -123,14 +130,14 @@ class Trainer:
         return out
 
     # -- EMA export ----------------------------------------------------------------------------------------
-    def ema_full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: full model state dict with EMA weights in place of the trainable parameters (fp32, CPU)."""
-        sd = self.engine.full_state_dict()
-        sd.update({k: v.cpu() for k, v in self.ema.full_state_dict(self.engine.gather_shard).items()})
+    def ema_full_state_dict(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Collective: full model state dict with EMA weights in place of the trainable parameters (fp32)."""
+        sd = self.engine.full_state_dict(frozen_only=True, device=device)
+        sd.update({k: v.to(device) for k, v in self.ema.full_state_dict(self.engine.gather_shard).items()})
         return sd
 
     def _samples(self) -> None:
-        sd = self.ema_full_state_dict()
+        sd = self.ema_full_state_dict(self.device)  # gathered on the device: the grid is drawn there
         if self.rank == 0 and self.sampler is not None:
             for tag, img in self.sampler(sd).items():
                 self.metrics.image(self.state.step, tag, img)
@@ -147,53 +154,81 @@ class Trainer:
     def _run(self) -> int:
         cfg, st = self.cfg, self.state
         self.resume()
-        log_every, t_last, wait, n_last = cfg.logging.every_steps, time.time(), 0.0, st.step
-        while st.step < self.total_steps:
-            step = st.step
-            self.engine.set_lr_factor(lr_at(step, 1.0, cfg.optim.warmup_steps))
+        self._t_last, self._wait, self._n_last = time.time(), 0.0, st.step
+        pending = None  # (step, handle, lr) launched but not yet read back
+        while st.step + (pending is not None) < self.total_steps:
+            step = st.step + (pending is not None)
+            lr_factor = lr_at(step, 1.0, cfg.optim.warmup_steps)
+            self.engine.set_lr_factor(lr_factor)
             seed_global(cfg.train.seed, self.rank, step)
+            before = self.loader.state_dict() if pending is not None else None
             t0 = time.time()
             batches = self._next_batches()
-            wait += time.time() - t0
-            res = train_step(self.engine, batches, cfg, rank=self.rank, world_size=self.world_size, step=step,
-                             device=self.device, stop_flag=self._signal is not None)
-            applied = not (res.skipped and cfg.engine.grad_accum == 1)
-            if applied:
-                self.ema.update(self.engine.param_views())
-            st.step += 1
-            st.nimg += cfg.train.global_batch
-            if res.skipped:
-                st.nonfinite += 1
-                self.log(f"step {step}: non-finite loss on some rank, step skipped ({st.nonfinite} so far)")
-            else:
-                self.losses.append((st.step, res.loss))
-            if st.step % log_every == 0 or st.step == self.total_steps:
-                dt = time.time() - t_last
-                self._log(res, (st.step - n_last) * cfg.train.global_batch / max(dt, 1e-9), wait / max(dt, 1e-9))
-                t_last, wait, n_last = time.time(), 0.0, st.step
-            if cfg.sample.every_steps and st.step % cfg.sample.every_steps == 0:
-                self._samples()
-            if st.nonfinite > cfg.train.max_nonfinite:
-                self.save()
-                self.log(f"stopping: {st.nonfinite} non-finite losses exceed train.max_nonfinite="
-                         f"{cfg.train.max_nonfinite}; checkpoint saved at step {st.step}. Lower the LR, check the "
-                         f"data, or resume from an earlier checkpoint (exit {EXIT_NONFINITE})")
-                return EXIT_NONFINITE
-            if res.stop_requested:
-                self.save()
-                self.log(f"preempted: checkpoint saved at step {st.step}; exiting with {EXIT_PREEMPTED} (requeue)")
-                return EXIT_PREEMPTED
-            if st.step % cfg.checkpoint.every_steps == 0 and st.step < self.total_steps:
-                self.save()
+            self._wait += time.time() - t0
+            handle = launch_step(self.engine, batches, cfg, rank=self.rank, world_size=self.world_size, step=step,
+                                 device=self.device, stop_flag=self._signal is not None)
+            code = self._resolve(*pending) if pending is not None else None  # the previous step, ready by now
+            handle.finish(halt=code is not None)
+            if code is not None:  # step `step` was voided on the device: save the state after the previous one
+                self._loader_state = before
+                return self._stop(code)
+            pending = (step, handle, self.engine.lr())
+            nxt = step + 1
+            if nxt == self.total_steps or any(e and nxt % e == 0 for e in (cfg.sample.every_steps,
+                                                                             cfg.checkpoint.every_steps)):
+                code = self._resolve(*pending)  # a host decision is due after this step: read it now
+                pending = None
+                if code is not None:
+                    return self._stop(code)
+                if cfg.sample.every_steps and st.step % cfg.sample.every_steps == 0:
+                    self._samples()
+                if st.step % cfg.checkpoint.every_steps == 0 and st.step < self.total_steps:
+                    self.save()
         if not self.ckpt.latest_is(st.step):
             self.save()
         self.metrics.flush()
         return EXIT_OK
 
-    def _log(self, res, img_per_s: float, wait_frac: float) -> None:
+    def _resolve(self, step: int, handle, lr: float) -> int | None:
+        """Book step `step` from its flags: EMA, counters, logs. Returns an exit code if the run must stop."""
+        cfg, st = self.cfg, self.state
+        res = handle.result()
+        if not res.skipped:
+            self.ema.update(self.engine.param_views())  # queued before the next step's optimizer update
+        st.step += 1
+        st.nimg += cfg.train.global_batch
+        if res.skipped:
+            st.nonfinite += 1
+            self.log(f"step {step}: non-finite loss on some rank, step skipped ({st.nonfinite} so far)")
+        else:
+            self.losses.append((st.step, res.loss))
+        if st.step % cfg.logging.every_steps == 0 or st.step == self.total_steps:
+            dt = time.time() - self._t_last
+            self._log(res, lr, (st.step - self._n_last) * cfg.train.global_batch / max(dt, 1e-9),
+                      self._wait / max(dt, 1e-9))
+            self._t_last, self._wait, self._n_last = time.time(), 0.0, st.step
+        if st.nonfinite > cfg.train.max_nonfinite:
+            return EXIT_NONFINITE
+        if res.stop_requested:
+            return EXIT_PREEMPTED
+        return None
+
+    def _stop(self, code: int) -> int:
+        st = self.state
+        self.save()
+        if code == EXIT_NONFINITE:
+            self.log(f"stopping: {st.nonfinite} non-finite losses exceed train.max_nonfinite="
+                     f"{self.cfg.train.max_nonfinite}; checkpoint saved at step {st.step}. Lower the LR, check the "
+                     f"data, or resume from an earlier checkpoint (exit {EXIT_NONFINITE})")
+        else:
+            self.log(f"preempted: checkpoint saved at step {st.step}; exiting with {EXIT_PREEMPTED} (requeue)")
+        self.metrics.flush()
+        return code
+
+    def _log(self, res: StepResult, lr: float, img_per_s: float, wait_frac: float) -> None:
         self.metrics.log_step(self.state.step, self.total_steps, {
             "train/loss": res.loss, "train/loss_main": res.main, "train/loss_aux": res.aux, "train/loss_cos": res.cos,
-            "train/grad_norm": self.engine.grad_norm(), "train/lr": self.engine.lr(),
+            "train/grad_norm": res.grad_norm, "train/lr": lr,
             "train/nonfinite_skipped": self.state.nonfinite, "perf/img_per_s": img_per_s,
             "perf/data_wait_frac": wait_frac, "progress/images": self.state.nimg,
             "progress/epoch": self.state.nimg / self.num_samples if self.num_samples else 0.0,

@@ -58,7 +58,17 @@ def muon_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], *,
     return groups
 
 
+def _commit(dst: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """dst <- new, or unchanged where the step is skipped (`keep` False), decided on the device."""
+    dst.copy_(new if keep is None else torch.where(keep, new, dst))
+
+
 class MuonWithAdam(torch.optim.Optimizer):
+    """A non-zero `found_inf` device scalar attribute (set by the engine) makes `step()` a no-op, parameters and
+    state included, without a host sync."""
+
+    supports_found_inf = True
+
     def __init__(self, param_groups: list[dict]):
         for g in param_groups:
             if "use_muon" not in g:
@@ -86,14 +96,16 @@ class MuonWithAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found = getattr(self, "found_inf", None)
+        keep = None if found is None else found == 0  # 0-dim bool on the device
         for group in self.param_groups:
             if group["use_muon"]:
-                self._muon_group(group)
+                self._muon_group(group, keep)
             else:
-                self._adam_group(group)
+                self._adam_group(group, keep)
         return loss
 
-    def _muon_group(self, group: dict) -> None:
+    def _muon_group(self, group: dict, keep: torch.Tensor | None) -> None:
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
         for p in group["params"]:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -103,30 +115,39 @@ class MuonWithAdam(torch.optim.Optimizer):
             m = state["momentum_buffer"]
             g2 = g.float().reshape(g.shape[0], -1)  # (rows, cols)
             m2 = m.view(g.shape[0], -1)
-            m2.lerp_(g2, 1.0 - beta)
-            u = g2.lerp(m2, beta)  # Nesterov
+            m_new = m2.lerp(g2, 1.0 - beta)
+            u = g2.lerp(m_new, beta)  # Nesterov
+            _commit(m2, m_new, keep)
             rows, cols = u.shape
             u = newton_schulz5(u, group["ns_steps"]).float() * math.sqrt(max(1.0, rows / cols))
             adjusted_lr = lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))
-            p.mul_(1.0 - lr * wd)
-            p.add_(u.view_as(p).to(p.dtype), alpha=-adjusted_lr)
+            p_new = p * (1.0 - lr * wd)
+            p_new.add_(u.view_as(p).to(p.dtype), alpha=-adjusted_lr)
+            _commit(p, p_new, keep)
 
-    def _adam_group(self, group: dict) -> None:
+    def _adam_group(self, group: dict, keep: torch.Tensor | None) -> None:
         lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if "step" not in state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
+            elif not torch.is_tensor(state["step"]):  # a host-int counter from an older checkpoint
+                state["step"] = torch.tensor(float(state["step"]), device=p.device)
+            # the step counter lives on the device so that a skipped step can leave it untouched without a sync
+            step = state["step"] + (1.0 if keep is None else keep.float())
+            _commit(state["step"], step, None)
             g = p.grad.float()
-            state["exp_avg"].lerp_(g, 1.0 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            bc1 = 1.0 - b1 ** state["step"]
-            bc2 = 1.0 - b2 ** state["step"]
-            denom = (state["exp_avg_sq"] / bc2).sqrt_().add_(eps)
-            p.mul_(1.0 - lr * wd)
-            p.add_((state["exp_avg"] / bc1 / denom).to(p.dtype), alpha=-lr)
+            exp_avg = state["exp_avg"].lerp(g, 1.0 - b1)
+            exp_avg_sq = (state["exp_avg_sq"] * b2).addcmul_(g, g, value=1.0 - b2)
+            _commit(state["exp_avg"], exp_avg, keep)
+            _commit(state["exp_avg_sq"], exp_avg_sq, keep)
+            bc1 = 1.0 - torch.pow(b1, step)
+            bc2 = 1.0 - torch.pow(b2, step)
+            denom = (exp_avg_sq / bc2).sqrt_().add_(eps)
+            p_new = p * (1.0 - lr * wd)
+            p_new.add_((exp_avg / bc1 / denom).to(p.dtype), alpha=-lr)
+            _commit(p, p_new, keep)

@@ -1,0 +1,55 @@
+"""The one place igscale's own collectives go through, with tensors placed for the process group's backend.
+
+NCCL reduces CUDA tensors only and gloo CPU tensors (gloo's CUDA support is partial and slow), so every helper moves
+its input to `backend_device()` first and returns the result there. Without a process group they are identities, so
+single-process code paths need no special case (a group of one still runs the collective: its placement is tested). `calls` counts the collectives issued through this module (tests
+assert one per optimizer step).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["backend_device", "all_reduce", "all_gather", "all_ok", "calls"]
+
+calls = {"n": 0}
+
+
+def backend_device(backend: str | None = None) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device for nccl, the CPU otherwise."""
+    if backend is None:
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _placed(t: torch.Tensor) -> torch.Tensor:
+    dev = backend_device()
+    return t if t.device == dev else t.to(dev, non_blocking=True)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduced copy of `t` on the backend's device (`t` itself when already there; reduced in place then)."""
+    if not dist.is_initialized():
+        return t
+    out = _placed(t)
+    calls["n"] += 1
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return out
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape and dtype on all ranks), in rank order, on the backend's device."""
+    if not dist.is_initialized():
+        return [t]
+    src = _placed(t).contiguous()
+    parts = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    calls["n"] += 1
+    dist.all_gather(parts, src)
+    return parts
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether every rank passed `ok` (a host decision, so this one syncs; used at checkpoint time only)."""
+    return bool(all_reduce(torch.tensor([int(ok)], dtype=torch.int64), op="min").item())
