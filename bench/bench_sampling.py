@@ -212,6 +212,8 @@ def main() -> None:
     if args.depth:
         over.update(depth=args.depth)
     if args.modes:
+        if not args.depth:  # the registry model's own IG layer (e.g. block 8 of XL/2)
+            over.pop("ig_layers")
         r = compare_modes(args.model, args.device, args.batch, overrides=None if args.tiny else over,
                           steps=args.steps, repeats=args.repeats, vae=not args.no_vae, tiny=args.tiny,
                           peak_tflops=args.peak_tflops)
