@@ -2,8 +2,8 @@
 
 NCCL reduces CUDA tensors only and gloo CPU tensors (gloo's CUDA support is partial and slow), so every helper moves
 its input to `backend_device()` first and returns the result there. Without a process group they are identities, so
-single-process code paths need no special case (a group of one still runs the collective: its placement is tested). `calls` counts the collectives issued through this module (tests
-assert one per optimizer step).
+single-process code paths need no special case; a group of one still runs the collective (its placement is tested).
+`calls` counts the collectives issued through this module (tests assert one per optimizer step).
 """
 from __future__ import annotations
 
