@@ -168,7 +168,7 @@ def _run(cfg) -> int:
         if rank == 0:
             print(f"igscale train: {world} rank(s) on {device.type}; compile={compile_mode}"
                   f"{f' ({cfg.model.compile_backend})' if compile_mode != 'none' else ''}, attention="
-                  f"{attention_kind(device)}, optimizer={type(engine.optimizer).__name__}"
+                  f"{attention_kind(device)}, optimizer={type(engine.client_optimizer).__name__}"
                   f"{' (skips non-finite steps on the device)' if engine.device_skip else ' (host-checked skips)'}, "
                   f"tf32={'on' if cfg.engine.tf32 and device.type == 'cuda' else 'off'}", flush=True)
         trainer = Trainer(cfg, engine, loader, ckpt, metrics, rank=rank, world_size=world, device=device,

@@ -62,9 +62,18 @@ def init_deepspeed_distributed() -> None:
 
     On CPU, DeepSpeed compiles a shared-memory comm op (~35 s) at init even with gloo; gloo does not need it, so
     the builder is replaced by a no-op in the module object (the name `deepspeed.comm.torch` resolves to torch).
+    A plain single process (no launcher) gets a one-rank group on loopback: without launcher variables DeepSpeed
+    would fall back to MPI discovery, which needs mpi4py and a launcher.
     """
     import deepspeed
 
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.cuda.is_available():
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -128,6 +137,7 @@ class DeepSpeedEngine:
             torch.backends.cudnn.allow_tf32 = True
         if optimizer is None:
             optimizer = _build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        self.client_optimizer = optimizer
         self.device_skip = skips_on_device(optimizer)
         if not self.device_skip:
             _guard_on_host(optimizer)
