@@ -20,7 +20,7 @@ def _assemble(files: list[str]) -> dict[str, torch.Tensor]:
     """EMA tensors by name from ema_rank*.pt files: one full copy, or one flat slice per rank (ZeRO sharding)."""
     from igscale.distributed.engine import assemble_flat
 
-    parts = [torch.load(f, weights_only=False) for f in sorted(files)]
+    parts = [torch.load(f, weights_only=True) for f in sorted(files)]
     first = parts[0]
     if first["sharded"] and len(parts) != first["world_size"]:
         raise ValueError(f"sharded EMA needs {first['world_size']} rank files, found {len(parts)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -22,10 +23,17 @@ from igscale.distributed.collectives import all_ok
 from igscale.distributed.env import barrier
 from igscale.io.storage import Storage, open_storage
 
-__all__ = ["Checkpointer", "tag_for", "step_of"]
+__all__ = ["Checkpointer", "CheckpointError", "tag_for", "step_of", "check_tag"]
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+
+
+_TAG = re.compile(r"step_\d{9,}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded: a malformed `latest`, a missing rank file, a key outside the tag."""
 
 
 def tag_for(step: int) -> str:
@@ -34,6 +42,21 @@ def tag_for(step: int) -> str:
 
 def step_of(tag: str) -> int:
     return int(tag.split("_", 1)[1])
+
+
+def check_tag(tag: str, where: str) -> str:
+    """`tag` if it has this module's own format; anything else (an absolute path, `..`) is refused."""
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        raise CheckpointError(f"{where}: {tag!r} is not a checkpoint tag (step_ + 9 digits); refusing to use it")
+    return tag
+
+
+def _inside(root: str, rel: str) -> str:
+    """root/rel, refusing relative paths that are absolute or climb out of root (keys come from storage)."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+        raise CheckpointError(f"refusing the stored key {rel!r}: it would leave {root}")
+    return os.path.join(root, *parts)
 
 
 def _fault_kill(step: int, uploaded: int) -> None:
@@ -72,7 +95,8 @@ class Checkpointer:
             for i, rel in enumerate(files, 1):
                 self.storage.put_file(f"{tag}/{rel}", os.path.join(local, rel))
                 _fault_kill(step, i)
-            self.storage.put_text(f"{tag}/_ranks/{self.rank:05d}.json", json.dumps({"files": files}))
+            sizes = {rel: os.path.getsize(os.path.join(local, rel)) for rel in files}
+            self.storage.put_text(f"{tag}/_ranks/{self.rank:05d}.json", json.dumps({"files": files, "sizes": sizes}))
         except Exception as e:  # keep going to the collective so other ranks do not hang
             ok, err = 0, e
         if not all_ok(bool(ok)):
@@ -109,7 +133,7 @@ class Checkpointer:
     def latest_tag(self) -> str | None:
         if not self.storage.exists(LATEST):
             return None
-        tag = self.storage.get_text(LATEST).strip()
+        tag = check_tag(self.storage.get_text(LATEST).strip(), f"`latest` in {self.url}")
         if not self.storage.exists(f"{tag}/{COMPLETE}"):
             raise RuntimeError(f"`latest` in {self.url} points at {tag}, which is not a complete checkpoint")
         return tag
@@ -121,17 +145,46 @@ class Checkpointer:
     def complete_tags(self) -> list[str]:
         return [t for t in self._tags() if self.storage.exists(f"{t}/{COMPLETE}")]
 
+    def verify(self, tag: str) -> dict[str, int]:
+        """Check, before anything is loaded, that every rank's marker exists and every file it lists is stored at
+        its recorded size. Returns {relative file: size}. Raises CheckpointError naming what is missing."""
+        check_tag(tag, f"checkpoint in {self.url}")
+        keys = set(self.storage.list(f"{tag}/"))
+        if f"{tag}/{COMPLETE}" not in keys:
+            raise CheckpointError(f"checkpoint {tag} in {self.url} has no {COMPLETE} marker; it will not be loaded")
+        world = int(self.read_meta(tag).get("world_size", 0))
+        markers = sorted(k for k in keys if k.startswith(f"{tag}/_ranks/") and k.endswith(".json"))
+        if len(markers) != world:
+            raise CheckpointError(f"checkpoint {tag} in {self.url}: {len(markers)} rank markers for a world size of "
+                                  f"{world}; it is incomplete and will not be loaded")
+        want: dict[str, int] = {}
+        for m in markers:
+            rec = json.loads(self.storage.get_text(m))
+            for rel in rec["files"]:
+                _inside("/", rel)
+                want[rel] = rec.get("sizes", {}).get(rel, -1)
+        for rel, size in sorted(want.items()):
+            key = f"{tag}/{rel}"
+            if key not in keys:
+                raise CheckpointError(f"checkpoint {tag} in {self.url} is missing {rel}; it will not be loaded")
+            if size >= 0 and self.storage.size(key) != size:
+                raise CheckpointError(f"checkpoint {tag} in {self.url}: {rel} has {self.storage.size(key)} bytes, "
+                                      f"its rank marker says {size}; it will not be loaded")
+        return want
+
     def download(self, tag: str, dest: str | None = None, only: Callable[[str], bool] | None = None) -> str:
-        """Fetch tag's files into dest/tag (default: this rank's staging/restore). Returns dest."""
+        """Fetch tag's files (as listed by the rank markers, after `verify`) into dest/tag (default: this rank's
+        staging/restore). Returns dest."""
+        files = self.verify(tag)
         dest = dest or os.path.join(self.staging, "restore")
-        shutil.rmtree(os.path.join(dest, tag), ignore_errors=True)
-        for key in self.storage.list(f"{tag}/"):
-            rel = key[len(tag) + 1:]
-            if rel.startswith("_ranks/") or rel == COMPLETE or (only is not None and not only(rel)):
+        root = os.path.join(dest, tag)
+        shutil.rmtree(root, ignore_errors=True)
+        for rel in sorted(files):
+            if only is not None and not only(rel):
                 continue
-            path = os.path.join(dest, tag, rel)
+            path = _inside(root, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.storage.get_file(key, path)
+            self.storage.get_file(f"{tag}/{rel}", path)
         return dest
 
     def read_meta(self, tag: str) -> dict:

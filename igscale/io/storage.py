@@ -33,6 +33,19 @@ _RETRY_CODES = {
 }
 
 
+# The process umask, read once at import (os.umask can only be read by setting it, which is racy once threads run).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _temp_file(dst: Path) -> tuple[int, str]:
+    """A temp file next to `dst` with the mode a plain open() would give (mkstemp makes 0600, which would hide
+    checkpoints and exports from teammates on a shared filesystem)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 class StorageError(RuntimeError):
     """A storage problem the user must fix (missing credentials, missing bucket, missing key...)."""
 
@@ -100,7 +113,12 @@ class LocalStorage(Storage):
         return f"LocalStorage({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        return self.root / key if key else self.root
+        if not key:
+            return self.root
+        parts = key.split("/")
+        if key.startswith("/") or ".." in parts or "\\" in key:
+            raise StorageError(f"key {key!r} would leave the storage root {self.root}")
+        return self.root / key
 
     def url(self, key: str = "") -> str:
         return str(self._path(key))
@@ -112,7 +130,7 @@ class LocalStorage(Storage):
     def _atomic_write(self, key: str, write: Callable[[IO[bytes]], None]) -> None:
         dst = self._path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        fd, tmp = _temp_file(dst)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
@@ -325,7 +343,7 @@ class S3Storage(Storage):
     def get_file(self, key: str, local_path: str | os.PathLike) -> None:
         dst = Path(local_path).absolute()
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        fd, tmp = _temp_file(dst)
         os.close(fd)
         try:
             self._retry(lambda: self.client.download_file(self.bucket, self._key(key), tmp,

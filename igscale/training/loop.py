@@ -105,12 +105,12 @@ class Trainer:
         local = self.ckpt.download(tag)
         self.engine.load(local, tag)
         d = os.path.join(local, tag)
-        tr = torch.load(os.path.join(d, f"trainer_rank{self.rank:05d}.pt"), weights_only=False)
+        tr = torch.load(os.path.join(d, f"trainer_rank{self.rank:05d}.pt"), weights_only=True)
         self.state.load_state_dict(tr["state"])
         self.loader.load_state_dict(tr["loader"])
         torch.set_rng_state(tr["torch_rng"])
         ema_rank = self.rank if self.engine.sharded_views else 0
-        self.ema.load_state_dict(torch.load(os.path.join(d, f"ema_rank{ema_rank:05d}.pt"), weights_only=False)["ema"])
+        self.ema.load_state_dict(torch.load(os.path.join(d, f"ema_rank{ema_rank:05d}.pt"), weights_only=True)["ema"])
         self.log(f"resumed from {self.ckpt.url}/{tag} at step {self.state.step} ({self.state.nimg} images)")
         return True
 
