@@ -85,7 +85,7 @@ def _step(engine, cfg, batches, step, **kw):
     return h.result()
 
 
-ENGINES = [("2", "bf16"), ("2", "fp32"), ("0", "fp32")]
+ENGINES = [("2", "bf16"), ("2", "fp32"), ("0", "fp32"), ("0", "bf16")]
 
 
 @pytest.mark.parametrize("stage,precision", ENGINES)
@@ -93,6 +93,8 @@ def test_nonfinite_loss_and_halt_skip_the_update_on_the_device(group, stage, pre
     cfg = _cfg(f"engine.zero_stage={stage}", f"engine.precision={precision}")
     eng = _engine(cfg)
     assert eng.device_skip  # fused AdamW: the skip is the optimizer's found_inf, not a host check
+    # the EMA follows the fp32 master weights, never a bf16 working copy
+    assert all(v.dtype == torch.float32 for _, v in eng.param_views())
     if precision == "bf16" and stage == "2":
         assert eng.ds_config["bf16"]["check_grad_overflow"] is False  # DeepSpeed's host-syncing check is off
     r = _step(eng, cfg, [_batch(seed=1)], 0)  # one real step first, so the optimizer state exists

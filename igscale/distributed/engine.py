@@ -225,16 +225,23 @@ class DeepSpeedEngine:
 
         - ZeRO-3: the rank's flat fp32 partition (safe_get_local_fp32_param; same layout as `ds_tensor`).
         - ZeRO-1/2 and DeepSpeed's bf16 optimizer: the rank's flat fp32 fragment of the parameter (possibly empty).
+        - DeepSpeed's unfused fp16/bf16 wrapper (ZeRO-0 with low-precision weights): its full fp32 copy.
         - otherwise: the full parameter (identical on every rank).
         A view is a flat slice starting at `view_layout()[name][0]` of the flattened parameter.
         """
         if self._views is not None:
             return self._views
         params = dict(self.module.named_parameters())
+        opt = self.ds.optimizer
+        # the unfused wrapper keeps fp32 copies in groups parallel to the low-precision parameters
+        master = {id(lp): hp for lg, hg in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+                  for lp, hp in zip(lg, hg)} if self.zero_stage == 0 else {}
         out = []
         for n in self._names:
             p = params[n]
-            if self.zero_stage == 3:
+            if id(p) in master:
+                out.append((n, master[id(p)]))
+            elif self.zero_stage == 3:
                 from deepspeed.utils import safe_get_local_fp32_param
 
                 v = safe_get_local_fp32_param(p)
