@@ -78,9 +78,10 @@ else
   RESUME_STEPS=60
   VAE_CH="128,256,512,512"
   SAMPLE=(--num-samples 256 --chunk-size 128 --batch-size 128 --num-steps 50)
-  BENCH=()
+  # the largest-batch search recompiles per size (1-2 min): opt in with BENCH_ARGS=""
+  read -r -a BENCH <<<"${BENCH_ARGS---skip maxbatch}"
   CAP_TRAIN=170
-  CAP_BENCH=260
+  CAP_BENCH=300
 fi
 
 { nvidia-smi 2>/dev/null || echo "no nvidia-smi"; "$PY" -c 'import torch, sys; print("python", sys.version.split()[0],

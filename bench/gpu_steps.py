@@ -75,14 +75,15 @@ def run_config(model: str, batch: int, zero_stage: int, *, tiny: bool, ckpt: boo
 
 def initial_state(cfg: RunConfig, std: float = 0.05) -> dict[str, torch.Tensor]:
     """Weights both steps start from: the model as built, with every weight but pos_embed randomised with a small std
-    (zero-initialised gates and heads would hide most of the network from the agreement check); norms stay near 1."""
+    (zero-initialised gates and heads would hide most of the network from the agreement check); norms stay near 1.
+    Values are rounded to bf16 so that DeepSpeed's bf16 weights and the reference's fp32 weights start out equal."""
     torch.manual_seed(cfg.train.seed)
     m = build_model(cfg.model.name, **cfg.model.overrides)
     g = torch.Generator().manual_seed(cfg.train.seed)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if n != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "norm" in n else 0.0))
+                p.copy_((torch.randn(p.shape, generator=g) * std + (1.0 if "norm" in n else 0.0)).bfloat16().float())
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
