@@ -151,9 +151,16 @@ def precompute(cfg: PrecomputeConfig, *, executor: str = "ray", ray_address: str
     else:
         records = _run_ray(cfg, tasks, fp, len(src.files), ray_address)
     # Exactly once: one record per planned shard, counts add up to the inputs minus the corrupt ones.
-    assert [r["shard"] for r in records] == list(range(len(tasks)))
+    # (raised, not asserted: `python -O` strips asserts, and a manifest over a wrong shard set is silent data loss)
+    got = [r["shard"] for r in records]
+    if got != list(range(len(tasks))):
+        missing = sorted(set(range(len(tasks))) - set(got))
+        raise RuntimeError(f"precompute: shard records {got[:10]}... do not match the plan of {len(tasks)} shards "
+                           f"(missing {missing[:10]}); the manifest was not written, rerun the job")
     n_corrupt = sum(len(r["corrupt"]) for r in records)
-    assert sum(r["count"] for r in records) + n_corrupt == len(src.files)
+    if sum(r["count"] for r in records) + n_corrupt != len(src.files):
+        raise RuntimeError(f"precompute: shards hold {sum(r['count'] for r in records)} samples + {n_corrupt} "
+                           f"corrupt inputs, not the {len(src.files)} listed images; the manifest was not written")
     manifest = build_manifest(cfg, src, vae_info, latent_shape, per_shard, records, out)
     out.put_text(MANIFEST, json.dumps(manifest, indent=1))  # written last: its presence means complete
     return {"manifest": manifest, "written": [r["shard"] for r in records if not r["skipped"]],

@@ -132,6 +132,7 @@ def _run(cfg) -> int:
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    metrics = None
     try:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.name, **cfg.model.overrides).to(device)
@@ -177,12 +178,13 @@ def _run(cfg) -> int:
         code = trainer.run()
         if code == EXIT_OK:
             _export(trainer, model_config, ckpt, rank)
-        metrics.close()
         return code
     except ConfigError as e:
         print(f"igscale train: invalid config: {e}", file=sys.stderr)
         return 2
     finally:
+        if metrics is not None:  # flush TensorBoard and the jsonl log on every exit path, errors included
+            metrics.close()
         if owns_group:
             destroy_distributed()
 

@@ -37,9 +37,10 @@ def _yaml(text: str):
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """Field-by-field merge (model.overrides included: overriding `depth` keeps the other overrides)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "overrides":
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -49,8 +50,18 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def _read_yaml(path: str, _depth: int = 0) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = _yaml(f.read()) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = _yaml(f.read())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from e
+    if data is None:
+        raise ConfigError(f"{path} is empty: a run config needs at least model and data sections "
+                          "(see configs/*.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -7,6 +7,7 @@ cross-field rules (raising ValueError, which `from_dict` turns into ConfigError 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -144,6 +145,8 @@ class TrainSection:
             raise ValueError("total_steps and epochs must be >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.max_nonfinite < 0:
+            raise ValueError(f"max_nonfinite must be >= 0, got {self.max_nonfinite}")
 
 
 @dataclass(kw_only=True)
@@ -175,6 +178,15 @@ class SampleSection:
     w_ig: float = 1.4
     seed: int = 0
 
+    def __post_init__(self):
+        # checked now: a bad value would otherwise fail only when the first grid is drawn, maybe 100k steps in
+        if self.every_steps < 0 or self.num < 1 or self.num_steps < 1 or self.seed < 0:
+            raise ValueError(f"every_steps must be >= 0 (0: never), num and num_steps >= 1, seed >= 0; got "
+                             f"every_steps={self.every_steps}, num={self.num}, num_steps={self.num_steps}, "
+                             f"seed={self.seed}")
+        if not (math.isfinite(self.w_cfg) and math.isfinite(self.w_ig)):
+            raise ValueError(f"w_cfg and w_ig must be finite, got {self.w_cfg}, {self.w_ig}")
+
 
 @dataclass(kw_only=True)
 class LoggingSection:
@@ -182,6 +194,11 @@ class LoggingSection:
     tensorboard: bool = True
     peak_tflops: float = 0.0
     """Per-device peak for the MFU estimate; 0 picks a known value for the GPU (or none on CPU)."""
+
+    def __post_init__(self):
+        if self.every_steps < 1 or self.peak_tflops < 0:
+            raise ValueError(f"every_steps must be >= 1 and peak_tflops >= 0, got {self.every_steps}, "
+                             f"{self.peak_tflops}")
 
 
 @dataclass(kw_only=True)

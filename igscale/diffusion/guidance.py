@@ -8,6 +8,7 @@ Intervals are closed [lo, hi] in igscale time (t=1 noise) and are checked at the
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ class GuidanceConfig:
     ig_interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
+        if not (math.isfinite(self.w_cfg) and math.isfinite(self.w_ig)):  # NaN would give black images, exit 0
+            raise ValueError(f"guidance weights must be finite, got w_cfg={self.w_cfg}, w_ig={self.w_ig}")
         self.cfg_interval = tuple(float(v) for v in self.cfg_interval)
         self.ig_interval = tuple(float(v) for v in self.ig_interval)
         for name in ("cfg_interval", "ig_interval"):

@@ -56,7 +56,6 @@ class Trainer:
         self._signal: int | None = None
         self._data = None
         self._loader_state: dict | None = None  # set when a voided step's batches were already drawn
-        self.losses: list[tuple[int, float]] = []
 
     # -- signals -------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -200,8 +199,6 @@ class Trainer:
         if res.skipped:
             st.nonfinite += 1
             self.log(f"step {step}: non-finite loss on some rank, step skipped ({st.nonfinite} so far)")
-        else:
-            self.losses.append((st.step, res.loss))
         if st.step % cfg.logging.every_steps == 0 or st.step == self.total_steps:
             dt = time.time() - self._t_last
             self._log(res, lr, (st.step - self._n_last) * cfg.train.global_batch / max(dt, 1e-9),

@@ -1,0 +1,67 @@
+"""Bad input is refused with one named line before any process group starts (issue 14, items 10, 11, 13)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from igscale.config.load import load_config
+from igscale.config.typed import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+
+
+def test_model_overrides_merge_field_by_field(tmp_path):
+    cfg = load_config(TINY, ["model.overrides.depth=2"])
+    assert cfg.model.overrides == {"input_size": 8, "in_channels": 4, "hidden_size": 64, "depth": 2, "num_heads": 2,
+                                   "num_classes": 10, "ig_layers": [2]}
+    ldit = load_config(os.path.join(ROOT, "configs", "lightningdit_xl1_ig.yaml"), ["model.overrides.depth=12"])
+    assert ldit.model.overrides["ig_head_init"] == "xavier" and ldit.model.overrides["depth"] == 12
+    child = tmp_path / "child.yaml"  # a `base:` child that sets one override keeps the parent's others
+    child.write_text(f"base: {TINY}\nmodel:\n  overrides: {{depth: 3}}\n")
+    assert load_config(str(child)).model.overrides["hidden_size"] == 64
+
+
+@pytest.mark.parametrize("override,field", [
+    ("logging.every_steps=0", "every_steps"), ("sample.every_steps=-1", "every_steps"), ("sample.num=-3", "num"),
+    ("sample.num_steps=0", "num_steps"), ("train.max_nonfinite=-1", "max_nonfinite"), ("sample.w_ig=.nan", "finite"),
+])
+def test_ranges_are_checked_at_load(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(TINY, [override])
+
+
+def test_empty_broken_and_binary_config_files(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "broken.yaml").write_text("model: {name: SiT-S/2\ntrain: [1, 2\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(str(tmp_path / "empty.yaml"))
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(str(tmp_path / "broken.yaml"))
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(str(tmp_path / "binary.yaml"))
+    # the CLI turns each into exit code 2 and one line, no traceback
+    p = subprocess.run([sys.executable, "-m", "igscale.cli.main", "train", "--config", str(tmp_path / "broken.yaml"),
+                        "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "invalid YAML" in p.stderr, p.stderr
+
+
+def test_nan_guidance_weight_is_refused():
+    from igscale.diffusion.guidance import GuidanceConfig
+
+    with pytest.raises(ValueError, match="finite"):
+        GuidanceConfig(w_ig=float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        GuidanceConfig(w_cfg=float("inf"))
+
+
+def test_s3_client_errors_are_user_errors():
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    from igscale.cli.common import USER_ERRORS
+
+    assert issubclass(ClientError, USER_ERRORS) and issubclass(NoCredentialsError, USER_ERRORS)
