@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igscale train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if model/loss/data-order settings differ from the checkpoint's (recorded)")
     p.add_argument("--ray-workers", type=int, default=0,
                    help="launch through Ray Train (TorchTrainer) with this many workers instead of torchrun/srun")
     p.add_argument("--ray-address", default=None,
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["checkpoint.allow_config_change=true"]
+                                                         if args.allow_config_change else []))
         if not cfg.data.manifest_url and not args.dry_run:
             raise ConfigError("data.manifest_url is empty: point it at a latent manifest (s3://... or a path)")
     except ConfigError as e:
@@ -149,6 +152,11 @@ def _run(cfg) -> int:
         if tuple(loader.latent_shape) != tuple(model_config.latent_shape):
             raise ConfigError(f"data latents have shape {tuple(loader.latent_shape)} but model "
                               f"{cfg.model.name} expects {tuple(model_config.latent_shape)}")
+        data_classes = (getattr(loader, "manifest", None) or {}).get("source", {}).get("num_classes")
+        if data_classes is not None and int(data_classes) > model_config.num_classes:
+            # label num_classes is the null (CFG) token: the extra classes would silently train as "no class"
+            raise ConfigError(f"the data has {data_classes} classes but model {cfg.model.name} has num_classes="
+                              f"{model_config.num_classes}; set model.overrides.num_classes={data_classes}")
         optimizer = None
         if cfg.optim.name == "muon":
             o = cfg.optim

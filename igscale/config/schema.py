@@ -161,6 +161,9 @@ class CheckpointSection:
     """Local folder for writing before upload; defaults to <run_dir>/staging."""
     resume: bool = True
     """Resume from the `latest` pointer if one exists."""
+    allow_config_change: bool = False
+    """Resume even if the model, loss or data-order fields differ from the checkpoint's config (the changes are
+    logged and appended to <run_dir>/config_changes.jsonl); otherwise such a resume is refused."""
 
     def __post_init__(self):
         if self.every_steps < 1 or self.keep_last < 1 or self.keep_every < 0:

@@ -21,9 +21,10 @@ import time
 import torch
 
 from igscale.config.schema import RunConfig
-from igscale.config.typed import to_dict
+from igscale.config.typed import ConfigError, to_dict
 from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
+from igscale.training.resume_check import frozen_changes
 from igscale.training.rng import seed_global
 from igscale.training.state import TrainState
 from igscale.training.step import StepResult, launch_step
@@ -102,8 +103,9 @@ class Trainer:
         if tag is None:
             return False
         local = self.ckpt.download(tag)
-        self.engine.load(local, tag)
         d = os.path.join(local, tag)
+        self._check_config(d, tag)
+        self.engine.load(local, tag)
         tr = torch.load(os.path.join(d, f"trainer_rank{self.rank:05d}.pt"), weights_only=True)
         self.state.load_state_dict(tr["state"])
         self.loader.load_state_dict(tr["loader"])
@@ -112,6 +114,26 @@ class Trainer:
         self.ema.load_state_dict(torch.load(os.path.join(d, f"ema_rank{ema_rank:05d}.pt"), weights_only=True)["ema"])
         self.log(f"resumed from {self.ckpt.url}/{tag} at step {self.state.step} ({self.state.nimg} images)")
         return True
+
+    def _check_config(self, d: str, tag: str) -> None:
+        """Refuse to resume into a different experiment (model, loss, data order), unless explicitly allowed."""
+        path = os.path.join(d, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        changes = frozen_changes(saved, to_dict(self.cfg))
+        if not changes:
+            return
+        if not self.cfg.checkpoint.allow_config_change:
+            raise ConfigError(f"resuming {self.ckpt.url}/{tag} with a config that changes the experiment: "
+                              f"{'; '.join(changes)}. Use the saved config, a new checkpoint.url, or "
+                              f"--allow-config-change to continue anyway (recorded in the run)")
+        self.log(f"warning: resuming {tag} with config changes (allowed): {'; '.join(changes)}")
+        if self.rank == 0:
+            with open(os.path.join(self.cfg.run_dir, "config_changes.jsonl"), "a") as f:
+                f.write(json.dumps({"checkpoint": f"{self.ckpt.url}/{tag}", "time": time.time(),
+                                    "changes": changes}) + "\n")
 
     # -- data ----------------------------------------------------------------------------------------------
     def _next_batches(self) -> list[dict]:
