@@ -287,3 +287,34 @@ def test_cli_model_input_errors(tmp_path, capsys, export_dir):
     assert "model.safetensors" in capsys.readouterr().err
     assert cli_sample.main(base + ["--export", export_dir[0], "--vae", "sd-vae"]) == 2
     assert "needs --vae-weights" in capsys.readouterr().err
+
+
+def test_damaged_chunks_are_named_and_regenerated(tmp_path):
+    """A truncated chunk is regenerated on rerun; a chunk whose bytes differ from its record fails the assembly
+    with its name and is deleted, so the next rerun regenerates it; a killed writer's temp file is removed."""
+    from igscale.eval.generate import assemble
+
+    model = tiny_model()
+    out = tmp_path / "job"
+    ref = _raw_run(out, 2, [DistEnv()], model)
+    logs = []
+    cfg = GenerationConfig(num_samples=12, seed=3, chunk_size=3, batch_size=2, labels="random")
+    sampler, guidance = SamplerConfig(method="heun", num_steps=4), GuidanceConfig(w_cfg=2.0, cfg_interval=(0.3, 0.9),
+                                                                                   w_ig=1.5)
+    path = out / chunk_key(1)
+    path.write_bytes(path.read_bytes()[:100])  # truncated by something outside igscale
+    (out / "chunks" / ".chunk_000002.npz.abc.tmp").write_bytes(b"partial")
+    written = generate(model, _raw, cfg, sampler, guidance, str(out), DistEnv(), settings={}, log=logs.append)
+    assert written == [1] and any("damaged or incomplete" in s for s in logs)
+    assert not list((out / "chunks").glob(".*.tmp"))
+    got = np.concatenate([np.load(out / chunk_key(k))["arr_0"] for k in range(4)])
+    np.testing.assert_array_equal(got, ref)
+    data = bytearray((out / chunk_key(2)).read_bytes())  # same size, one byte flipped: only the hash can tell
+    data[-40] ^= 0xFF
+    (out / chunk_key(2)).write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"chunk_000002.npz is damaged .* rerun"):
+        assemble(str(out), cfg, {}, log=lambda s: None)
+    assert not (out / chunk_key(2)).exists()
+    assert generate(model, _raw, cfg, sampler, guidance, str(out), DistEnv(), settings={}, log=logs.append) == [2]
+    assemble(str(out), cfg, {}, log=lambda s: None)
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["arr_0"], ref)

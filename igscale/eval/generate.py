@@ -13,6 +13,7 @@ every setting.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -78,6 +79,36 @@ def chunk_key(k: int) -> str:
     return f"chunks/chunk_{k:06d}.npz"
 
 
+def _record_key(k: int) -> str:
+    return f"chunks/chunk_{k:06d}.json"
+
+
+def _chunk_ok(store: Storage, k: int) -> bool:
+    """A chunk counts as done when it exists at the size its record (written after it) gives; chunks of jobs
+    from before the records existed are opened once to check they are a readable npz."""
+    if not store.exists(chunk_key(k)):
+        return False
+    if store.exists(_record_key(k)):
+        try:
+            return store.size(chunk_key(k)) == json.loads(store.get_text(_record_key(k)))["size"]
+        except (ValueError, KeyError):
+            return False
+    try:
+        with np.load(io.BytesIO(store.get_bytes(chunk_key(k)))) as z:
+            return {"arr_0", "labels", "indices"} <= set(z.files)
+    except Exception:  # noqa: BLE001 - any unreadable chunk is regenerated
+        return False
+
+
+def _remove_stale_temps(store: Storage) -> None:
+    """Temp files of a killed local writer (`.chunk_*.tmp`); S3 uploads are atomic and leave none."""
+    root = store.url("chunks")
+    if not is_s3_url(root) and os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(root, name))
+
+
 def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
     """Identity 'decode' for latent-space runs: (B, C, H, W) in ~[-1, 1] -> uint8 NHWC, VA-VAE rounding."""
     return quantize(x.float(), "vavae").numpy()
@@ -111,6 +142,7 @@ def _check_job(store: Storage, ident: dict, env: DistEnv) -> None:
                 )
         else:
             store.put_text(JOB_FILE, json.dumps(ident, indent=2, sort_keys=True))
+        _remove_stale_temps(store)  # before the barrier: no rank is writing yet
     barrier()
 
 
@@ -148,7 +180,10 @@ def generate(
     ident = _job_identity(cfg, {**settings, "sampler": to_dict(sampler), "guidance": to_dict(guidance)})
     _check_job(store, ident, env)
     mine = [k for k in range(cfg.num_chunks()) if k % env.world_size == env.rank]
-    todo = [k for k in mine if not store.exists(chunk_key(k))]
+    todo = [k for k in mine if not _chunk_ok(store, k)]
+    damaged = [k for k in todo if store.exists(chunk_key(k))]
+    if damaged:
+        log(f"[rank {env.rank}] chunks {damaged[:10]} are damaged or incomplete; regenerating them")
     if len(todo) < len(mine):
         log(f"[rank {env.rank}] resuming: {len(mine) - len(todo)} of {len(mine)} chunks already done")
     model = model.to(device).eval()
@@ -170,7 +205,9 @@ def generate(
             bar.update(e - s)
         buf = io.BytesIO()
         np.savez(buf, arr_0=np.concatenate(images), labels=labels[lo:hi], indices=np.arange(lo, hi))
-        store.put_bytes(chunk_key(k), buf.getvalue())  # atomic: the chunk exists completely or not at all
+        data = buf.getvalue()
+        store.put_bytes(chunk_key(k), data)  # atomic: the chunk exists completely or not at all
+        store.put_text(_record_key(k), json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
         written.append(k)
         n_done += hi - lo
         log(f"[rank {env.rank}] chunk {k} written ({n_done / (time.perf_counter() - t_start):.2f} img/s)")
@@ -186,11 +223,21 @@ def assemble(out_url: str, cfg: GenerationConfig, meta: dict, log: Callable[[str
         raise RuntimeError(f"cannot assemble {store.url()}: chunks {missing[:10]} are missing; rerun the sampling job")
 
     def load(k):
-        with np.load(io.BytesIO(store.get_bytes(chunk_key(k)))) as z:
-            lo, hi = cfg.chunk_range(k)
-            if not np.array_equal(z["indices"], np.arange(lo, hi)):
-                raise RuntimeError(f"{store.url(chunk_key(k))} holds samples {z['indices'][:3]}..., expected {lo}..")
-            return z["arr_0"], z["labels"]
+        data = store.get_bytes(chunk_key(k))
+        try:
+            rec = json.loads(store.get_text(_record_key(k))) if store.exists(_record_key(k)) else None
+            if rec is not None and (len(data) != rec["size"] or hashlib.sha256(data).hexdigest() != rec["sha256"]):
+                raise ValueError("size or sha256 differs from its record")
+            with np.load(io.BytesIO(data)) as z:
+                arr, labs, idx = z["arr_0"], z["labels"], z["indices"]
+        except Exception as e:  # noqa: BLE001 - a damaged chunk: name it and make the rerun regenerate it
+            store.delete(chunk_key(k))
+            raise RuntimeError(f"{store.url(chunk_key(k))} is damaged ({type(e).__name__}: {e}); it was deleted, "
+                               "rerun the sampling job to regenerate it") from e
+        lo, hi = cfg.chunk_range(k)
+        if not np.array_equal(idx, np.arange(lo, hi)):
+            raise RuntimeError(f"{store.url(chunk_key(k))} holds samples {idx[:3]}..., expected {lo}..")
+        return arr, labs
 
     first, _ = load(0)
     shape = (cfg.num_samples, *first.shape[1:])
