@@ -318,3 +318,23 @@ def test_damaged_chunks_are_named_and_regenerated(tmp_path):
     assert generate(model, _raw, cfg, sampler, guidance, str(out), DistEnv(), settings={}, log=logs.append) == [2]
     assemble(str(out), cfg, {}, log=lambda s: None)
     np.testing.assert_array_equal(np.load(out / "samples.npz")["arr_0"], ref)
+
+
+def test_reexported_weights_at_the_same_url_do_not_extend_a_job(tmp_path):
+    """The job identity holds a content hash of the weights, not only the export URL."""
+    import argparse
+
+    from igscale.eval.setup import load_model
+
+    export, out = tmp_path / "export", tmp_path / "job"
+    ns = argparse.Namespace(export=str(export), checkpoint=None, model=None, checkpoint_kind=None)
+    cfg = GenerationConfig(num_samples=4, seed=0, chunk_size=2, batch_size=2)
+    sampler, guidance = SamplerConfig(method="euler", num_steps=2), GuidanceConfig()
+    save_export(tiny_model(seed=0), str(export))
+    model, meta = load_model(ns)
+    generate(model, _raw, cfg, sampler, guidance, str(out), DistEnv(), settings=meta, log=lambda s: None)
+    save_export(tiny_model(seed=1), str(export))  # other weights, same URL and config
+    model, meta2 = load_model(ns)
+    assert meta2["source"] == meta["source"] and meta2["weights_sha256"] != meta["weights_sha256"]
+    with pytest.raises(ValueError, match="weights_sha256"):
+        generate(model, _raw, cfg, sampler, guidance, str(out), DistEnv(), settings=meta2, log=lambda s: None)

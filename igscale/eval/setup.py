@@ -76,7 +76,20 @@ def load_model(args) -> tuple[torch.nn.Module, dict]:
 
         model = load_official_checkpoint(args.checkpoint, args.model, args.checkpoint_kind)
         src = {"checkpoint": args.checkpoint, "checkpoint_kind": args.checkpoint_kind}
-    return model.eval(), {"source": src, "model_config": to_dict(model.config)}
+    # the content, not the URL: re-exporting other weights to the same URL must not extend an old sampling job
+    return model.eval(), {"source": src, "model_config": to_dict(model.config), "weights_sha256": state_sha256(model)}
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes), independent of the file format."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _latent_norm(args):
@@ -99,7 +112,10 @@ def _latent_norm(args):
         raise ValueError(f"{args.latent_stats}: expected latent stats with 'mean' and 'std'")
     mean = torch.as_tensor(stats["mean"], dtype=torch.float32).flatten()
     std = torch.as_tensor(stats["std"], dtype=torch.float32).flatten()
-    return LatentNorm.per_channel(mean, std), {"latent_norm": {"stats": args.latent_stats}}
+    import hashlib
+
+    digest = hashlib.sha256(mean.numpy().tobytes() + std.numpy().tobytes()).hexdigest()
+    return LatentNorm.per_channel(mean, std), {"latent_norm": {"stats": args.latent_stats, "sha256": digest}}
 
 
 def build_decoder(args, device) -> tuple:
