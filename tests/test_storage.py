@@ -162,7 +162,7 @@ class FaultyProxy:
 def test_s3_retries_through_faults(s3_server, s3_bucket, mode):
     port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
     S3Storage(s3_bucket, "r").put_bytes("obj", b"payload")
-    # 3 faults > botocore's 2 attempts per call: the outer backoff wrapper must retry as well.
+    # 3 faults > botocore's 2 attempts per call: the outer retry policy must retry as well.
     proxy = FaultyProxy(port, n_faults=3, mode=mode)
     try:
         store = S3Storage(s3_bucket, "r", endpoint_url=f"http://127.0.0.1:{proxy.port}",
@@ -172,7 +172,7 @@ def test_s3_retries_through_faults(s3_server, s3_bucket, mode):
         # Without retries the same fault surfaces as an error.
         proxy.count = 0
         nore = S3Storage(s3_bucket, "r", endpoint_url=f"http://127.0.0.1:{proxy.port}",
-                         request_attempts=1, max_attempts=1)
+                         request_attempts=1, retry_s=0)
         with pytest.raises(Exception):  # noqa: B017 - botocore error type depends on the fault
             nore.get_bytes("obj")
     finally:

@@ -34,7 +34,7 @@ import torch
 
 from igscale.io.shard_format import FIELDS, MANIFEST, torch_dtype
 from igscale.io.shard_reader import SampleBlock, read_sample_blocks
-from igscale.io.storage import is_s3_url, open_storage
+from igscale.io.storage import StorageError, is_s3_url, is_storage_failure, open_storage
 from igscale.seeding import GOLDEN, MASK64, MIX1, MIX2, splitmix64, splitmix64_np
 from igscale.vae import LatentNorm
 
@@ -172,7 +172,11 @@ class _EpochStream(torch.utils.data.IterableDataset):
                         yield b
                 if n != info["count"]:
                     raise ShardReadError(f"expected {info['count']} samples, read {n}")
-            except Exception as e:  # noqa: BLE001 - any read/parse failure is reported with the shard URL
+            except Exception as e:  # noqa: BLE001 - classified: storage outage, or a shard that is really bad
+                if is_storage_failure(e):  # never skipped, never called corrupt: the data may be fine
+                    raise StorageError(f"storage error reading shard {url} (endpoint "
+                                       f"{sp['endpoint_url'] or 'from the environment'}): {type(e).__name__}: "
+                                       f"{e}") from e
                 if sp["on_corrupt"] == "raise":
                     raise ShardReadError(f"corrupt or truncated shard {url}: {type(e).__name__}: {e}") from None
                 corrupt.append(url)

@@ -15,6 +15,7 @@ import io
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -199,6 +200,33 @@ def _is_retryable(exc: BaseException) -> bool:
     )
 
 
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or its cause) is the storage failing (outage, exhausted retries, credentials), as opposed to
+    the stored bytes being bad. A missing object (404) counts as bad data."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageError):
+            return True
+        try:
+            import botocore.exceptions as bex
+
+            if isinstance(exc, bex.ClientError):
+                return _status(exc) not in (404, 416) and _code(exc) not in ("NoSuchKey", "NotFound", "404")
+            if isinstance(exc, bex.BotoCoreError):
+                return True
+        except ImportError:
+            pass
+        if _is_retryable_builtin(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _is_retryable_builtin(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
 def _status(exc: BaseException) -> int:
     resp = getattr(exc, "response", None) or {}
     return resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
@@ -212,19 +240,53 @@ def _code(exc: BaseException) -> str:
 _CLIENTS: dict = {}
 
 
+def retry_budget_s() -> float:
+    """Seconds a storage operation keeps retrying transient failures (IGSCALE_STORAGE_RETRY_S, default 600)."""
+    raw = os.environ.get("IGSCALE_STORAGE_RETRY_S", "600")
+    try:
+        v = float(raw)
+    except ValueError:
+        raise StorageError(f"IGSCALE_STORAGE_RETRY_S={raw!r} is not a number of seconds") from None
+    if not v >= 0:
+        raise StorageError(f"IGSCALE_STORAGE_RETRY_S must be >= 0, got {raw!r}")
+    return v
+
+
+def request_timeout_s() -> float:
+    """Socket timeout of one S3 request (IGSCALE_STORAGE_TIMEOUT_S, default 20): a stalled server is retried after
+    this long instead of hanging."""
+    raw = os.environ.get("IGSCALE_STORAGE_TIMEOUT_S", "20")
+    try:
+        v = float(raw)
+    except ValueError:
+        raise StorageError(f"IGSCALE_STORAGE_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if not v > 0:
+        raise StorageError(f"IGSCALE_STORAGE_TIMEOUT_S must be > 0, got {raw!r}")
+    return v
+
+
+def _warn(msg: str) -> None:
+    print(f"[igscale storage] {msg}", file=sys.stderr, flush=True)
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
 def _cached_client(endpoint_url: str | None, request_attempts: int) -> Any:
     """boto3 clients are thread-safe but cost ~0.4 s of CPU to build: share one per process and settings.
     The key includes the credential env vars so a changed identity gets a new client."""
     env = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                                             "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE"))
-    key = (os.getpid(), endpoint_url, request_attempts, env)
+    timeout = request_timeout_s()
+    key = (os.getpid(), endpoint_url, request_attempts, timeout, env)
     if key not in _CLIENTS:
         import boto3
         from botocore.config import Config
 
         cfg = Config(
             retries={"max_attempts": request_attempts, "mode": "standard"},
-            connect_timeout=10, read_timeout=60, max_pool_connections=32,
+            connect_timeout=min(5.0, timeout), read_timeout=timeout, max_pool_connections=32,
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
         session = boto3.session.Session()
@@ -236,19 +298,25 @@ def _cached_client(endpoint_url: str | None, request_attempts: int) -> Any:
 class S3Storage(Storage):
     """S3 (or any S3-compatible server) under `s3://bucket/prefix`.
 
-    Retries happen at two levels: botocore's own retry mode (per HTTP request) and `_retry` around each
-    whole operation (also covering streamed bodies and multipart transfers), with exponential backoff + jitter.
+    One retry policy for every operation (reads, writes, listings, streamed bodies, multipart transfers):
+    a transient failure (connection refused or reset, a timeout, a stalled server, 5xx, throttling) is retried
+    with exponential backoff + jitter until `retry_s` seconds (IGSCALE_STORAGE_RETRY_S, default 600) have passed
+    since the operation's first failure; botocore makes one attempt per call, so the bounds do not multiply. A
+    line goes to stderr on the first retry and every 30 s after; past the budget a StorageError names the
+    operation, the URL and the endpoint. Non-transient errors (403, 404, a bad request) are raised at once.
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 max_attempts: int = 6, base_delay: float = 0.2, max_delay: float = 10.0, request_attempts: int = 4,
-                 multipart_threshold: int = 64 << 20, multipart_chunksize: int = 16 << 20):
+                 retry_s: float | None = None, base_delay: float = 0.2, max_delay: float = 10.0,
+                 request_attempts: int = 1, multipart_threshold: int = 64 << 20,
+                 multipart_chunksize: int = 16 << 20):
         if not bucket:
             raise StorageError("S3 URL has no bucket (expected s3://bucket/prefix)")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
                              or os.environ.get("S3_ENDPOINT_URL") or None)
-        self.max_attempts, self.base_delay, self.max_delay = max_attempts, base_delay, max_delay
+        self.retry_s = retry_budget_s() if retry_s is None else float(retry_s)
+        self.base_delay, self.max_delay = base_delay, max_delay
         self.request_attempts = request_attempts
         self.multipart_threshold, self.multipart_chunksize = multipart_threshold, multipart_chunksize
         self._client = None
@@ -275,16 +343,35 @@ class S3Storage(Storage):
         k = self._key(key)
         return f"s3://{self.bucket}/{k}" if k else f"s3://{self.bucket}"
 
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        for attempt in range(self.max_attempts):
+    def _retry(self, fn: Callable[[], T], what: str, key: str | None = None) -> T:
+        t0 = last_log = None
+        attempt = 0
+        while True:
             try:
-                return fn()
+                out = fn()
+                if t0 is not None:
+                    _warn(f"S3 {what} {self._where(key)} recovered after {time.monotonic() - t0:.0f} s")
+                return out
             except Exception as e:  # noqa: BLE001 - classified below
-                if not _is_retryable(e) or attempt == self.max_attempts - 1:
+                if not _is_retryable(e):
                     raise
-                delay = min(self.max_delay, self.base_delay * 2**attempt) * (0.5 + random.random())
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                now = time.monotonic()
+                if t0 is None:
+                    t0 = last_log = now
+                    _warn(f"S3 {what} {self._where(key)} failing: {_short(e)}; retrying for up to "
+                          f"{self.retry_s:.0f} s (IGSCALE_STORAGE_RETRY_S)")
+                elif now - last_log >= 30:
+                    last_log = now
+                    _warn(f"S3 {what} {self._where(key)} failing for {now - t0:.0f} s: {_short(e)}")
+                if now - t0 >= self.retry_s:
+                    raise StorageError(f"S3 {what} of {self._where(key)} failed for {now - t0:.0f} s (endpoint "
+                                       f"{self.endpoint_url or 'AWS default'}): {_short(e)}") from e
+                delay = min(self.max_delay, self.base_delay * 2**min(attempt, 10)) * (0.5 + random.random())
+                time.sleep(max(0.0, min(delay, t0 + self.retry_s - now)))
+                attempt += 1
+
+    def _where(self, key: str | None) -> str:
+        return self.url(key) if key is not None else self.url()
 
     def check(self) -> None:
         import boto3
@@ -322,21 +409,22 @@ class S3Storage(Storage):
     def put_bytes(self, key: str, data: bytes) -> None:
         if len(data) >= self.multipart_threshold:
             self._retry(lambda: self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
-                                                           Config=self._transfer_config()), "upload")
+                                                           Config=self._transfer_config()), "upload", key)
         else:
-            self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data), "put")
+            self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data), "put",
+                        key)
 
     def put_file(self, key: str, local_path: str | os.PathLike) -> None:
         # upload_file switches to multipart above the threshold and aborts the upload on failure.
         self._retry(lambda: self.client.upload_file(str(local_path), self.bucket, self._key(key),
-                                                    Config=self._transfer_config()), "upload_file")
+                                                    Config=self._transfer_config()), "upload_file", key)
 
     def get_bytes(self, key: str) -> bytes:
         def get() -> bytes:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
         try:
-            return self._retry(get, "get")
+            return self._retry(get, "get", key)
         except Exception as e:
             raise self._not_found(e, key) from e
 
@@ -347,7 +435,7 @@ class S3Storage(Storage):
         os.close(fd)
         try:
             self._retry(lambda: self.client.download_file(self.bucket, self._key(key), tmp,
-                                                          Config=self._transfer_config()), "download")
+                                                          Config=self._transfer_config()), "download", key)
             os.replace(tmp, dst)
         except Exception as e:
             Path(tmp).unlink(missing_ok=True)
@@ -364,7 +452,7 @@ class S3Storage(Storage):
 
     def _head(self, key: str) -> dict:
         try:
-            return self._retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), "head")
+            return self._retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)), "head", key)
         except Exception as e:
             raise self._not_found(e, key) from e
 
@@ -395,7 +483,7 @@ class S3Storage(Storage):
         return sorted(self._retry(run, "list"))
 
     def delete(self, key: str) -> None:
-        self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)), "delete")
+        self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)), "delete", key)
 
 
 class _S3RangeResumingReader(io.RawIOBase):
@@ -404,12 +492,20 @@ class _S3RangeResumingReader(io.RawIOBase):
     def __init__(self, storage: S3Storage, full_key: str):
         self.s, self.key, self.pos, self.body, self.length = storage, full_key, 0, None, None
 
-    def open_at(self, pos: int) -> None:
+    def _open(self, pos: int) -> None:
         kw = {"Range": f"bytes={pos}-"} if pos else {}
-        resp = self.s._retry(lambda: self.s.client.get_object(Bucket=self.s.bucket, Key=self.key, **kw), "get")
+        resp = self.s.client.get_object(Bucket=self.s.bucket, Key=self.key, **kw)
         if self.length is None:
             self.length = int(resp["ContentLength"])
         self.body, self.pos = resp["Body"], pos
+
+    def open_at(self, pos: int) -> None:
+        self.s._retry(lambda: self._open(pos), "get", self._rel)
+
+    @property
+    def _rel(self) -> str:  # the key relative to the storage prefix, for messages
+        p = self.s.prefix
+        return self.key[len(p) + 1:] if p and self.key.startswith(p + "/") else self.key
 
     def readable(self) -> bool:
         return True
@@ -418,15 +514,18 @@ class _S3RangeResumingReader(io.RawIOBase):
         """Up to `size` bytes as the HTTP layer returns them (no copy into a caller buffer)."""
         if self.length is not None and self.pos >= self.length:
             return b""
-        for attempt in range(self.s.max_attempts):
+        n = None if size is None or size < 0 else size
+
+        def read_once() -> bytes:
+            if self.body is None:  # the last attempt broke the connection: resume at the current offset
+                self._open(self.pos)
             try:
-                chunk = self.body.read(None if size is None or size < 0 else size)
-                break
-            except Exception as e:  # noqa: BLE001
-                if not _is_retryable(e) or attempt == self.s.max_attempts - 1:
-                    raise
-                time.sleep(min(self.s.max_delay, self.s.base_delay * 2**attempt))
-                self.open_at(self.pos)
+                return self.body.read(n)
+            except Exception:
+                self.body = None
+                raise
+
+        chunk = self.s._retry(read_once, "read", self._rel)
         if not chunk and self.pos < (self.length or 0):
             raise ConnectionError(f"s3://{self.s.bucket}/{self.key}: stream ended at {self.pos} of {self.length}")
         self.pos += len(chunk)

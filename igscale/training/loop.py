@@ -57,6 +57,7 @@ class Trainer:
         self._signal: int | None = None
         self._data = None
         self._loader_state: dict | None = None  # set when a voided step's batches were already drawn
+        self._corrupt_seen: set[str] = set()
 
     # -- signals -------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -221,6 +222,11 @@ class Trainer:
         if res.skipped:
             st.nonfinite += 1
             self.log(f"step {step}: non-finite loss on some rank, step skipped ({st.nonfinite} so far)")
+        new = set(getattr(self.loader, "corrupt_shards", ())) - self._corrupt_seen
+        if new:  # data.on_corrupt=skip: never silent
+            self._corrupt_seen |= new
+            self.log(f"warning: skipped {len(new)} corrupt shard(s) ({len(self._corrupt_seen)} so far): "
+                     f"{', '.join(sorted(new)[:5])}")
         if st.step % cfg.logging.every_steps == 0 or st.step == self.total_steps:
             dt = time.time() - self._t_last
             self._log(res, lr, (st.step - self._n_last) * cfg.train.global_batch / max(dt, 1e-9),
@@ -248,7 +254,8 @@ class Trainer:
         self.metrics.log_step(self.state.step, self.total_steps, {
             "train/loss": res.loss, "train/loss_main": res.main, "train/loss_aux": res.aux, "train/loss_cos": res.cos,
             "train/grad_norm": res.grad_norm, "train/lr": lr,
-            "train/nonfinite_skipped": self.state.nonfinite, "perf/img_per_s": img_per_s,
+            "train/nonfinite_skipped": self.state.nonfinite, "data/corrupt_shards_skipped": len(self._corrupt_seen),
+            "perf/img_per_s": img_per_s,
             "perf/data_wait_frac": wait_frac, "progress/images": self.state.nimg,
             "progress/epoch": self.state.nimg / self.num_samples if self.num_samples else 0.0,
         })
