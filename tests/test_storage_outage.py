@@ -169,3 +169,55 @@ def test_checkpoint_survives_an_outage_mid_save(outage_env, s3_bucket, tmp_path,
     assert ck.save(3, write) == tag_for(3)
     assert ck.latest_tag() == tag_for(3) and sorted(ck.verify(tag_for(3))) == [f"f{i}.pt" for i in range(6)]
     assert "failing" in capfd.readouterr().err
+
+
+def _train(tmp_path, name, manifest, ckpt, endpoint, steps):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = tmp_path / name
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", AWS_ENDPOINT_URL=endpoint,
+               S3_ENDPOINT_URL=endpoint)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "igscale.cli.main", "train", "--config", os.path.join(root, "configs", "tiny_cpu.yaml"),
+           f"run_dir={run_dir}", f"data.manifest_url={manifest}", f"checkpoint.url={ckpt}", "train.global_batch=8",
+           f"train.total_steps={steps}", "checkpoint.every_steps=40", "sample.every_steps=0", "data.num_workers=0",
+           "logging.every_steps=1"]
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), run_dir / "train_log.jsonl"
+
+
+def _steps_done(path) -> int:
+    import json
+
+    try:
+        return max((json.loads(line)["step"] for line in open(path)), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_training_through_outages_matches_an_uninterrupted_run(outage_env, s3_server, s3_bucket, tmp_path):
+    """Refused, then stalled storage during `igscale train` (data reads and checkpoint uploads go through the proxy):
+    the run waits, says so, and its loss trajectory equals a run without outages."""
+    import json
+
+    proxy = outage_env
+    manifest = _latents(s3_bucket)
+    steps, outage_s = 120, float(os.environ.get("IGSCALE_TEST_OUTAGE_S", "6"))
+    ref, ref_log = _train(tmp_path, "ref", manifest, f"s3://{s3_bucket}/ck_ref", s3_server.endpoint_url, steps)
+    assert ref.wait(300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    p, log = _train(tmp_path, "out", manifest, f"s3://{s3_bucket}/ck_out", proxy.endpoint, steps)
+    for at, kind in ((10, "refuse"), (38, "stall")):  # the second one spans the step-40 checkpoint
+        deadline = time.monotonic() + 240
+        while _steps_done(log) < at and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        getattr(proxy, kind)()
+        time.sleep(outage_s)
+        proxy.restore()
+    assert p.wait(600) == 0, (tmp_path / "out.log").read_text()[-3000:]
+    out = (tmp_path / "out.log").read_text()
+    assert "[igscale storage]" in out and "failing" in out and "recovered after" in out, out[-3000:]
+    losses = [{r["step"]: r["train/loss"] for r in map(json.loads, open(f))} for f in (ref_log, log)]
+    assert sorted(losses[0]) == list(range(1, steps + 1)) and losses[0] == losses[1]
