@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,8 +20,9 @@ import numpy as np
 
 from igscale.config.typed import ConfigError, from_dict, to_dict
 from igscale.io.shard_format import DTYPES, MODES
-from igscale.io.storage import open_storage
+from igscale.io.storage import is_s3_url, open_storage
 
+log = logging.getLogger("data_pipeline.plan")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -80,10 +83,25 @@ class SourceList:
 def list_images(input_url: str, endpoint_url: str | None = None) -> SourceList:
     store = open_storage(input_url, endpoint_url=endpoint_url)
     store.check()
-    keys = [k for k in store.list() if "/" in k and k.lower().endswith(IMAGE_EXTS)]
+    listed = store.list()
+    top = [k for k in listed if "/" not in k and k.lower().endswith(IMAGE_EXTS)]
+    if top:  # they would be dropped silently, and belong to no class
+        raise ConfigError(f"input: {len(top)} image(s) directly under {input_url} (e.g. {top[0]!r}); expected "
+                          "<class>/<image>: move them into a class folder")
+    keys = [k for k in listed if "/" in k and k.lower().endswith(IMAGE_EXTS)]
     if not keys:
         raise ConfigError(f"input: no images found under {input_url} (expected <class>/<image> files)")
-    classes = sorted({k.split("/", 1)[0] for k in keys})
+    # Every class folder keeps its index, also one without images: dropping it would shift the labels of all
+    # later classes. S3 has no empty folders; a folder holding only non-image files counts.
+    folders = {k.split("/", 1)[0] for k in listed if "/" in k}
+    if not is_s3_url(input_url):
+        root = input_url.removeprefix("file://")
+        folders |= {d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")}
+    classes = sorted(folders)
+    empty = sorted(folders - {k.split("/", 1)[0] for k in keys})
+    if empty:
+        log.warning("input: class folder(s) without images keep their index and get no samples: %s",
+                    ", ".join(f"{c} (class {classes.index(c)})" for c in empty[:10]))
     index = {c: i for i, c in enumerate(classes)}
     return SourceList(keys, [index[k.split("/", 1)[0]] for k in keys], classes)
 

@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 import time
+import typing
 from dataclasses import fields
 
 import numpy as np
 
-from data_pipeline.plan import PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_plan
+from data_pipeline.plan import ConfigError, PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_plan
 from data_pipeline.write import run_shard
 from igscale.io.shard_format import FIELDS, FORMAT, MANIFEST
 from igscale.io.storage import open_storage
@@ -167,6 +168,28 @@ def precompute(cfg: PrecomputeConfig, *, executor: str = "ray", ray_address: str
             "skipped": [r["shard"] for r in records if r["skipped"]]}
 
 
+def _coerce(name: str, t, v: str):
+    """A flag's string as its field's type (`none` for optional fields); a bad value is one named error."""
+    args = typing.get_args(t)
+    if type(None) in args and v.lower() == "none":
+        return None
+    base = next((a for a in (args or (t,)) if a is not type(None)), str)
+    flag = "--" + name.replace("_", "-")
+    if base is bool:
+        if v.lower() in ("1", "true", "yes"):
+            return True
+        if v.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"{flag}: {v!r} is not a boolean (true/false)")
+    if base in (int, float):
+        try:
+            return base(v)
+        except ValueError:
+            kind = "an integer" if base is int else "a number"
+            raise ConfigError(f"{flag}: {v!r} is not {kind}{' (or none)' if type(None) in args else ''}") from None
+    return v
+
+
 def parse_args(argv=None) -> tuple[PrecomputeConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,33 +209,25 @@ def parse_args(argv=None) -> tuple[PrecomputeConfig, argparse.Namespace]:
             d = yaml.safe_load(text)
         else:
             d = json.loads(text)
-    types = {f.name: f.type for f in fields(PrecomputeConfig)}
-    for name in types:
-        v = getattr(a, name)
-        if v is None:
-            continue
-        t = str(types[name])
-        if "bool" in t:
-            v = v.lower() in ("1", "true", "yes")
-        elif t.startswith("int"):
-            v = int(v)
-        elif t.startswith("float"):
-            v = float(v)
-        elif "int |" in t and v.lower() != "none":
-            v = int(v)
-        elif "float |" in t and v.lower() != "none":
-            v = float(v)
-        elif v.lower() == "none":
-            v = None
-        d[name] = v
+    types = typing.get_type_hints(PrecomputeConfig)
+    for f in fields(PrecomputeConfig):
+        v = getattr(a, f.name)
+        if v is not None:
+            d[f.name] = _coerce(f.name, types[f.name], v)
     return PrecomputeConfig.from_dict(d), a
 
 
 def main(argv=None) -> int:
+    from igscale.cli.common import USER_ERRORS
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg, a = parse_args(argv)
-    address = a.ray_address or os.environ.get("RAY_ADDRESS")
-    result = precompute(cfg, executor=a.executor, ray_address=address)
+    try:
+        cfg, a = parse_args(argv)
+        address = a.ray_address or os.environ.get("RAY_ADDRESS")
+        result = precompute(cfg, executor=a.executor, ray_address=address)
+    except USER_ERRORS as e:  # bad flags, missing input, missing bucket, credentials: one line, exit 2
+        print(f"precompute: error: {e}", file=sys.stderr)
+        return 2
     m = result["manifest"]
     print(json.dumps({"manifest": open_storage(cfg.output, endpoint_url=cfg.endpoint_url).url(MANIFEST),
                       "num_samples": m["num_samples"], "corrupt": len(m["corrupt"]),

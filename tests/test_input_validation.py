@@ -65,3 +65,38 @@ def test_s3_client_errors_are_user_errors():
     from igscale.cli.common import USER_ERRORS
 
     assert issubclass(ClientError, USER_ERRORS) and issubclass(NoCredentialsError, USER_ERRORS)
+
+
+def test_precompute_flags_and_inputs_fail_with_one_line(tmp_path, capsys, caplog):
+    from data_pipeline.plan import list_images
+    from data_pipeline.run import main, parse_args
+
+    base = ["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "out"), "--allow-random-vae", "true"]
+    cfg, _ = parse_args(base + ["--samples-per-shard", "none", "--resolution", "64"])
+    assert cfg.samples_per_shard is None and cfg.resolution == 64
+    with pytest.raises(ConfigError, match="--resolution: '2x' is not an integer"):
+        parse_args(base + ["--resolution", "2x"])
+    assert main(base + ["--executor", "inline"]) == 2  # missing input folder
+    err = capsys.readouterr().err
+    assert "precompute: error:" in err and "no images found" in err and "Traceback" not in err
+    root = tmp_path / "imgs"
+    for d in ("a", "b", "c"):
+        (root / d).mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"")
+    (root / "c" / "y.png").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        src = list_images(str(root))
+    assert src.classes == ["a", "b", "c"] and src.labels == [0, 2]  # c keeps index 2 although b is empty
+    assert "b (class 1)" in caplog.text
+    (root / "top.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match="directly under"):
+        list_images(str(root))
+
+
+def test_export_without_checkpoint_or_with_a_bad_tag(tmp_path, capsys):
+    from igscale.cli.export import main
+
+    assert main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "ex")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "none"), "--tag", "../../etc", "--out", str(tmp_path / "ex")]) == 2
+    assert "not a checkpoint tag" in capsys.readouterr().err

@@ -62,10 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="export folder or s3:// prefix")
     p.add_argument("--endpoint-url", default=None)
     a = p.parse_args(argv)
+    from igscale.cli.common import USER_ERRORS
     from igscale.eval.export_io import save_export
+    from igscale.io.checkpoint import CheckpointError, check_tag
     from igscale.models import build_model_from_config
 
-    cfg, sd = ema_state_dict_from_checkpoint(a.checkpoint, a.tag, a.endpoint_url)
+    try:
+        if a.tag is not None:
+            check_tag(a.tag, "--tag")
+        cfg, sd = ema_state_dict_from_checkpoint(a.checkpoint, a.tag, a.endpoint_url)
+    except (CheckpointError, *USER_ERRORS) as e:
+        print(f"igscale export: error: {e}", file=sys.stderr)
+        return 2
     model = build_model_from_config(cfg)
     model.load_state_dict(sd)
     save_export(model, a.out)
