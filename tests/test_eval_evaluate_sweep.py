@@ -108,3 +108,16 @@ def test_sweep_end_to_end(assets, tmp_path):
     mtime = os.path.getmtime(out / "point_000" / "metrics.json")
     assert cli_sweep.main(argv) == 0
     assert os.path.getmtime(out / "point_000" / "metrics.json") == mtime
+
+
+def test_eval_warns_when_reference_resolution_differs(assets, tmp_path, capsys):
+    d, weights = assets
+    with np.load(d / "real.npz") as z:
+        big = np.repeat(np.repeat(z["arr_0"], 2, 1), 2, 2)  # 16x16 against the 8x8 reference
+    np.savez(tmp_path / "big.npz", arr_0=big)
+    assert cli_eval.main([str(d / "ref.npz"), str(tmp_path / "big.npz"), "--inception", weights]) == 0
+    out = capsys.readouterr()
+    assert "samples are 16x16 px but the reference images are 8x8 px" in out.out + out.err
+    assert cli_eval.main([str(d / "ref.npz"), str(d / "real.npz"), "--inception", weights]) == 0
+    out = capsys.readouterr()
+    assert "reference images are" not in out.out + out.err

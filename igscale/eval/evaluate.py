@@ -98,7 +98,13 @@ def evaluate_npz(
     ref_features: reuse features of the reference images (from `extract_features`) across several evaluations.
     """
     validate_ref_npz(ref_npz)
-    validate_sample_npz(sample_npz)
+    smp_shape = validate_sample_npz(sample_npz)
+    ref_shape = validate_sample_npz(ref_npz)
+    if smp_shape[1:3] != ref_shape[1:3] and env.is_main:
+        # both are resized to 299 px by the Inception net, so this runs, but the numbers compare unlike protocols
+        log(f"warning: samples are {smp_shape[1]}x{smp_shape[2]} px but the reference images are "
+            f"{ref_shape[1]}x{ref_shape[2]} px; FID/sFID/P/R against a reference at another resolution are not "
+            "comparable to published numbers")
     ref = ref_features or extract_features(ref_npz, inception, env, batch_size=batch_size, device=device,
                                            desc="reference")
     smp = extract_features(sample_npz, inception, env, batch_size=batch_size, device=device, desc="samples")
