@@ -69,6 +69,10 @@ def test_missing_or_truncated_rank_file_is_refused_before_loading(s3_bucket, tmp
     ck = Checkpointer(f"s3://{s3_bucket}/ck", str(tmp_path / "stage"))
     tag = ck.save(1, _writer)
     assert sorted(ck.verify(tag)) == ["a.pt", "sub/b.pt"]
+    good = ck.storage.get_bytes(f"{tag}/sub/b.pt")
+    ck.storage.put_bytes(f"{tag}/sub/b.pt", good[:-5] + b"XXXXX")  # same size, other bytes
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        ck.download(tag, str(tmp_path / "dl"))
     ck.storage.put_bytes(f"{tag}/sub/b.pt", b"short")
     with pytest.raises(CheckpointError, match="sub/b.pt has 5 bytes"):
         ck.download(tag, str(tmp_path / "dl"))

@@ -11,6 +11,7 @@ and removes incomplete leftovers older than `latest`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,6 +50,14 @@ def check_tag(tag: str, where: str) -> str:
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         raise CheckpointError(f"{where}: {tag!r} is not a checkpoint tag (step_ + 9 digits); refusing to use it")
     return tag
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _inside(root: str, rel: str) -> str:
@@ -96,7 +105,9 @@ class Checkpointer:
                 self.storage.put_file(f"{tag}/{rel}", os.path.join(local, rel))
                 _fault_kill(step, i)
             sizes = {rel: os.path.getsize(os.path.join(local, rel)) for rel in files}
-            self.storage.put_text(f"{tag}/_ranks/{self.rank:05d}.json", json.dumps({"files": files, "sizes": sizes}))
+            sums = {rel: _sha256(os.path.join(local, rel)) for rel in files}
+            self.storage.put_text(f"{tag}/_ranks/{self.rank:05d}.json",
+                                  json.dumps({"files": files, "sizes": sizes, "sha256": sums}))
         except Exception as e:  # keep going to the collective so other ranks do not hang
             ok, err = 0, e
         if not all_ok(bool(ok)):
@@ -158,11 +169,14 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {tag} in {self.url}: {len(markers)} rank markers for a world size of "
                                   f"{world}; it is incomplete and will not be loaded")
         want: dict[str, int] = {}
+        self._sums: dict[str, str] = {}
         for m in markers:
             rec = json.loads(self.storage.get_text(m))
             for rel in rec["files"]:
                 _inside("/", rel)
                 want[rel] = rec.get("sizes", {}).get(rel, -1)
+                if rel in rec.get("sha256", {}):
+                    self._sums[rel] = rec["sha256"][rel]
         for rel, size in sorted(want.items()):
             key = f"{tag}/{rel}"
             if key not in keys:
@@ -185,6 +199,9 @@ class Checkpointer:
             path = _inside(root, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self.storage.get_file(f"{tag}/{rel}", path)
+            if rel in self._sums and _sha256(path) != self._sums[rel]:
+                raise CheckpointError(f"checkpoint {tag} in {self.url}: {rel} does not match the sha256 its rank "
+                                      "marker recorded at save time; it will not be loaded")
         return dest
 
     def read_meta(self, tag: str) -> dict:
