@@ -116,28 +116,15 @@ class IgscaleStep:
     variant = "igscale"
 
     def __init__(self, cfg: RunConfig, device: torch.device, state: dict | None = None):
-        from igscale.distributed.engine import DeepSpeedEngine
-        from igscale.models.compile import apply_compile, resolve_compile_mode
-        from igscale.training.muon import MuonWithAdam, muon_param_groups
+        from igscale.training.build import build_engine
 
         self.cfg, self.device = cfg, device
         t0 = time.perf_counter()
         torch._dynamo.reset()  # a fresh compile, as in a new `igscale train` process (and no recompile limit)
         graphs0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        torch.manual_seed(cfg.train.seed)  # --- as cli/train.py:_run ---
-        model = build_model(cfg.model.name, **cfg.model.overrides).to(device)
-        if state is not None:
-            model.load_state_dict(state)
-        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
-        self.compile_mode = resolve_compile_mode(cfg.model.compile, device.type, cfg.engine.zero_stage)
-        apply_compile(model, self.compile_mode, backend=cfg.model.compile_backend, fullgraph=cfg.engine.zero_stage < 3)
-        optimizer = None
-        if cfg.optim.name == "muon":
-            o = cfg.optim
-            optimizer = MuonWithAdam(muon_param_groups(
-                model.named_parameters(), muon_lr=o.muon_lr, muon_wd=o.muon_weight_decay, momentum=o.muon_momentum,
-                ns_steps=o.muon_ns_steps, adam_lr=o.lr, betas=o.betas, eps=o.eps, adam_wd=o.weight_decay))
-        self.engine = DeepSpeedEngine(model, cfg, world_size=1, optimizer=optimizer)
+        self.engine, self.compile_mode = build_engine(cfg, world_size=1, device=device, state=state)  # as train
+        model = self.engine.module
+        optimizer = self.engine.client_optimizer
         self.ema = EMA(self.engine.param_views(), cfg.train.ema_decay)  # --- as Trainer.__init__ ---
         self.model_config = model.config
         self.batches = [synthetic_batch(cfg, model.config, device)]

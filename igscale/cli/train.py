@@ -109,20 +109,18 @@ def _ray_launch(cfg, args) -> int:
 
 
 def _run(cfg) -> int:
-    import torch
     import torch.distributed as dist
 
-    from igscale.distributed.engine import DeepSpeedEngine, init_deepspeed_distributed
+    from igscale.distributed.engine import init_deepspeed_distributed
     from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
     from igscale.io.checkpoint import Checkpointer
     from igscale.io.loader import LatentLoader
     from igscale.io.metrics import MetricsSink, peak_flops
-    from igscale.models import build_model
-    from igscale.models.compile import apply_compile, resolve_compile_mode
+    from igscale.models import model_config as registry_config
     from igscale.models.flops import train_flops_per_image
     from igscale.ops.attention import attention_kind
+    from igscale.training.build import build_engine
     from igscale.training.loop import EXIT_OK, Trainer
-    from igscale.training.muon import MuonWithAdam, muon_param_groups
     from igscale.training.samples import make_sample_fn
 
     owns_group = not dist.is_initialized()  # Ray Train creates (and later destroys) its own group
@@ -137,12 +135,7 @@ def _run(cfg) -> int:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     metrics = None
     try:
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model.name, **cfg.model.overrides).to(device)
-        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
-        model_config = model.config
-        compile_mode = resolve_compile_mode(cfg.model.compile, device.type, cfg.engine.zero_stage)
-        apply_compile(model, compile_mode, backend=cfg.model.compile_backend, fullgraph=cfg.engine.zero_stage < 3)
+        model_config = registry_config(cfg.model.name, **cfg.model.overrides)  # checks data before DeepSpeed
         loader = LatentLoader(cfg.data.manifest_url, batch_size=micro, rank=rank, world_size=world,
                               num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                               shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
@@ -157,13 +150,8 @@ def _run(cfg) -> int:
             # label num_classes is the null (CFG) token: the extra classes would silently train as "no class"
             raise ConfigError(f"the data has {data_classes} classes but model {cfg.model.name} has num_classes="
                               f"{model_config.num_classes}; set model.overrides.num_classes={data_classes}")
-        optimizer = None
-        if cfg.optim.name == "muon":
-            o = cfg.optim
-            optimizer = MuonWithAdam(muon_param_groups(
-                model.named_parameters(), muon_lr=o.muon_lr, muon_wd=o.muon_weight_decay, momentum=o.muon_momentum,
-                ns_steps=o.muon_ns_steps, adam_lr=o.lr, betas=o.betas, eps=o.eps, adam_wd=o.weight_decay))
-        engine = DeepSpeedEngine(model, cfg, world_size=world, optimizer=optimizer)
+        engine, compile_mode = build_engine(cfg, world_size=world, device=device)
+        model_config = engine.module.config
         ckpt = Checkpointer(cfg.checkpoint.url or os.path.join(run_dir, "checkpoints"),
                             cfg.checkpoint.staging_dir or os.path.join(run_dir, "staging"), rank=rank,
                             world_size=world, keep_last=cfg.checkpoint.keep_last,
