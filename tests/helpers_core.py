@@ -50,3 +50,31 @@ class GaussianVelocity:
         d_f = self.velocity(x, t, self.mu[y], self.s)
         d_i = self.velocity(x, t, self.mu_i[y], self.s_i)
         return d_f.to(x.dtype), d_i.to(x.dtype)
+
+
+def one_rank_group(backend: str):
+    """Generator for a module fixture: a real one-rank process group of `backend` in this pytest process, joined by
+    DeepSpeed; torn down (and the launcher variables removed) afterwards."""
+    import os
+
+    import pytest
+    import torch.distributed as dist
+
+    from igscale.io.local_s3 import free_ports
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, rank=0, world_size=1)
+    from igscale.distributed.engine import init_deepspeed_distributed
+
+    init_deepspeed_distributed()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(k, None)

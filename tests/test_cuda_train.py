@@ -115,18 +115,9 @@ def test_fused_adamw_found_inf_and_foreach_ema_on_cuda():
 
 @pytest.fixture(scope="module")
 def nccl_group():
-    import torch.distributed as dist
+    from tests.helpers_core import one_rank_group
 
-    from tests.fixtures.s3server import free_ports
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    yield from one_rank_group("nccl")
 
 
 def test_collective_helper_under_nccl(nccl_group):
@@ -142,12 +133,11 @@ def test_collective_helper_under_nccl(nccl_group):
 
 def test_training_step_makes_no_host_sync(nccl_group):
     from igscale.config.load import load_config
-    from igscale.distributed.engine import DeepSpeedEngine, init_deepspeed_distributed
+    from igscale.distributed.engine import DeepSpeedEngine
     from igscale.training.ema import EMA
     from igscale.training.step import launch_step
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    init_deepspeed_distributed()
     cfg = load_config(os.path.join(root, "configs", "sit_b2_ig.yaml"),
                       ["data.manifest_url=unused", "train.global_batch=16"])
     model = _randomized("SiT-B/2", depth=4, ig_layers=(2,)).cuda()

@@ -8,34 +8,20 @@
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.fixtures.s3server import free_ports
-from tests.helpers_core import randomize_, tiny_model
+from tests.helpers_core import one_rank_group, randomize_, tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def group():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this pytest process")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from igscale.distributed.engine import init_deepspeed_distributed
-
-    init_deepspeed_distributed()
-    yield
-    dist.destroy_process_group()
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(k, None)
+    yield from one_rank_group("gloo")
 
 
 def _cfg(*overrides):
