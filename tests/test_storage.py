@@ -141,9 +141,12 @@ class FaultyProxy:
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
-    def _pipe(a, b):
+    def _pipe(a, b, gate=None):
+        """Forward a -> b until either side closes; `gate` (a threading.Event) holds the bytes while it is clear."""
         try:
             while data := a.recv(65536):
+                if gate is not None:
+                    gate.wait()
                 b.sendall(data)
         except OSError:
             pass

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bench.device_latents import write_random_latents
+from tests.test_storage import FaultyProxy
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +47,7 @@ class OutageProxy:
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     def _pipe(self, a, b) -> None:
-        try:
-            while data := a.recv(65536):
-                self.flowing.wait()
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+        FaultyProxy._pipe(a, b, self.flowing)
 
     def refuse(self) -> None:
         try:  # shutdown wakes the thread blocked in accept(); close alone would leave the port listening
