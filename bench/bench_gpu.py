@@ -242,7 +242,7 @@ def cpu_decode_crop(size: int, n: int = 64) -> dict:
     import numpy as np
     from PIL import Image
 
-    from igscale.data.crop import center_crop_adm
+    from data_pipeline.crop import center_crop_adm
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from igscale.io.loader import LatentLoader
-from igscale.io.local_s3 import start_s3_server
-from igscale.io.shard_format import FORMAT, encode_array, sample_key, shard_key, write_tar
-from igscale.io.storage import S3Storage
+from igscale.demo.local_s3 import start_s3_server
+from igscale.latents.format import FORMAT, encode_array, sample_key, shard_key, write_tar
+from igscale.latents.loader import LatentLoader
+from igscale.storage import S3Storage
 
 LAYOUTS = {  # mode -> (fields, shape, stored dtype, vae kind)
     "mean_std": (("mean", "std"), (4, 32, 32), "float32", "sd-vae"),

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from igscale.config.typed import to_dict
+from igscale.core.typed import to_dict
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.diffusion.noise import per_sample_randn
 from igscale.diffusion.samplers import SamplerConfig, sample
@@ -76,7 +76,8 @@ def _build_decoder(in_channels: int, device: torch.device, tiny: bool):
         from diffusers import AutoencoderKL
     except ImportError:
         return None, {"skipped": "diffusers not installed"}
-    from igscale.vae import VAE_KINDS, LatentNorm, build_vae, decode_to_uint8
+    from igscale.latents.norm import LatentNorm
+    from igscale.vae import VAE_KINDS, build_vae, decode_to_uint8
 
     if tiny:
         torch.manual_seed(0)

@@ -101,7 +101,7 @@ stage train "$CAP_TRAIN" "$PY" -m igscale.cli.main train "${COMMON[@]}" "${TRAIN
 stage resume 120 "$PY" -m igscale.cli.main train "${COMMON[@]}" "${TRAIN[@]}" train.total_steps="$RESUME_STEPS"
 cp "$WORK/run/train_log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null
 
-stage vae 60 "$PY" -c "from igscale.io.storage import open_storage; from igscale.vae import save_random_vae
+stage vae 60 "$PY" -c "from igscale.storage import open_storage; from igscale.demo.weights import save_random_vae
 save_random_vae(open_storage('$WORK/vae'), 'sd-vae', ($VAE_CH))"
 stage sample 90 "$PY" -m igscale.cli.main sample --export "$WORK/ckpt/export" --preset sit-xl2-ig-cfg-fid1.46 \
   --vae sd-vae --vae-weights "$WORK/vae" --out "$WORK/samples" "${SAMPLE[@]}"

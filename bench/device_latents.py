@@ -2,7 +2,7 @@
 
     python bench/device_latents.py --out /tmp/latents --num 2048 --shape 4,32,32 --mode mean_std
 
-The layout is the precompute job's (igscale.io.shard_format): `mean_std` stores a posterior mean and std per sample
+The layout is the precompute job's (igscale.latents.format): `mean_std` stores a posterior mean and std per sample
 (SD-VAE / SiT recipe), `sample_flip` a latent and its mirror (VA-VAE / LightningDiT recipe). Values are random: the
 set exercises the real loader and trainer at full size without a VAE or images.
 """
@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from igscale.io.shard_format import FIELDS, FORMAT, MANIFEST, encode_array, sample_key, shard_key, write_tar  # noqa: E402
-from igscale.io.storage import open_storage  # noqa: E402
+from igscale.latents.format import FIELDS, FORMAT, MANIFEST, encode_array, sample_key, shard_key, write_tar  # noqa: E402
+from igscale.storage import open_storage  # noqa: E402
 
 
 def write_random_latents(out: str, *, num: int, shape: tuple[int, ...], mode: str = "mean_std",

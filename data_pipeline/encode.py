@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.crop import center_crop_adm
 from data_pipeline.plan import PrecomputeConfig
-from igscale.data.crop import center_crop_adm
-from igscale.io.shard_format import FIELDS, encode_array, sample_key
-from igscale.io.storage import open_storage
+from igscale.core.seeding import Stream, generator
+from igscale.latents.format import FIELDS, encode_array, sample_key
+from igscale.storage import open_storage
 from igscale.vae import build_vae, encode
 
 log = logging.getLogger("data_pipeline")
@@ -55,8 +56,7 @@ class ShardResult:
 
 
 def _posterior_noise(seed: int, index: int, stream: int, shape: tuple) -> torch.Tensor:
-    g = torch.Generator().manual_seed((seed * 1_000_003 + index) * 4 + stream)
-    return torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=generator(seed, Stream.PRECOMPUTE, index, stream))
 
 
 def _maybe_inject_fault(shard: int, done: int, total: int) -> None:

@@ -18,9 +18,9 @@ from typing import Literal
 
 import numpy as np
 
-from igscale.config.typed import ConfigError, from_dict, to_dict
-from igscale.io.shard_format import DTYPES, MODES
-from igscale.io.storage import is_s3_url, open_storage
+from igscale.core.typed import ConfigError, from_dict, to_dict
+from igscale.latents.format import DTYPES, MODES
+from igscale.storage import is_s3_url, open_storage
 
 log = logging.getLogger("data_pipeline.plan")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

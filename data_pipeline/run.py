@@ -21,8 +21,8 @@ import numpy as np
 
 from data_pipeline.plan import ConfigError, PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_plan
 from data_pipeline.write import run_shard
-from igscale.io.shard_format import FIELDS, FORMAT, MANIFEST
-from igscale.io.storage import open_storage
+from igscale.latents.format import FIELDS, FORMAT, MANIFEST
+from igscale.storage import open_storage
 
 log = logging.getLogger("data_pipeline")
 
@@ -218,7 +218,7 @@ def parse_args(argv=None) -> tuple[PrecomputeConfig, argparse.Namespace]:
 
 
 def main(argv=None) -> int:
-    from igscale.cli.common import USER_ERRORS
+    from igscale.storage import USER_ERRORS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -11,8 +11,8 @@ import json
 
 from data_pipeline.encode import encode_shard
 from data_pipeline.plan import PrecomputeConfig
-from igscale.io.shard_format import shard_key, sidecar_key, write_tar
-from igscale.io.storage import Storage, open_storage
+from igscale.latents.format import shard_key, sidecar_key, write_tar
+from igscale.storage import Storage, open_storage
 
 
 def verify_existing(out: Storage, shard: int, fp: str) -> dict | None:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["VAE_KINDS", "VAEError", "LatentNorm", "build_vae", "encode", "decode", "decode_to_uint8",
-           "ldm_to_diffusers", "infer_ldm_config", "diffusers_config_from_ldm"]
+from igscale.latents.norm import SD_SCALE, LatentNorm
 
-SD_SCALE = 0.18215
+__all__ = ["VAE_KINDS", "VAEError", "build_vae", "encode", "decode", "decode_to_uint8",
+           "ldm_to_diffusers", "infer_ldm_config", "diffusers_config_from_ldm"]
 
 
 class VAEError(ValueError):
@@ -167,7 +165,7 @@ def _load_state_dict(data: bytes, name: str) -> dict[str, torch.Tensor]:
 
 def _read_weights(weights: str) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor], str]:
     """Returns (diffusers config or None, state dict, sha256 of the weight bytes)."""
-    from igscale.io.storage import open_storage, split_url
+    from igscale.storage import open_storage, split_url
 
     root = open_storage(weights)
     files = root.list() if (weights.startswith("s3://") or not weights.endswith(
@@ -256,53 +254,6 @@ def encode(vae: torch.nn.Module, pixels: Any) -> tuple[torch.Tensor, torch.Tenso
     return dist.mean.float(), dist.std.float()
 
 
-@dataclass
-class LatentNorm:
-    """raw VAE latent z <-> model latent: (z - shift) * scale, with per-channel or scalar shift/scale."""
-
-    shift: torch.Tensor  # (C,) or ()
-    scale: torch.Tensor  # (C,) or ()
-
-    @classmethod
-    def scalar(cls, scale: float = SD_SCALE) -> LatentNorm:
-        return cls(torch.tensor(0.0), torch.tensor(float(scale)))
-
-    @classmethod
-    def per_channel(cls, mean: Any, std: Any, multiplier: float = 1.0) -> LatentNorm:
-        std = torch.as_tensor(std, dtype=torch.float32)
-        if torch.any(std <= 0):
-            raise ValueError("per-channel latent std must be positive")
-        return cls(torch.as_tensor(mean, dtype=torch.float32), multiplier / std)
-
-    @classmethod
-    def from_manifest(cls, manifest: dict, recipe: Literal["auto", "scalar", "per_channel"] = "auto") -> LatentNorm:
-        """auto: SD-VAE -> scalar 0.18215 (SiT recipe); otherwise per-channel stats of the dataset (LightningDiT)."""
-        if recipe == "auto":
-            recipe = "scalar" if manifest["vae"]["kind"] == "sd-vae" else "per_channel"
-        if recipe == "scalar":
-            return cls.scalar(float(manifest["vae"].get("scaling_factor", SD_SCALE)))
-        return cls.per_channel(manifest["latent_stats"]["mean"], manifest["latent_stats"]["std"])
-
-    def _b(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        t = t.to(device=z.device, dtype=z.dtype)
-        return t.view(-1, 1, 1)  # (C,1,1) or (1,1,1): a sized operand, so bf16 z promotes to float32
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:  # (..., C, H, W)
-        return (z - self._b(self.shift, z)) * self._b(self.scale, z)
-
-    def normalize_(self, z: torch.Tensor) -> torch.Tensor:
-        """In-place normalize (loader hot path)."""
-        return z.sub_(self._b(self.shift, z)).mul_(self._b(self.scale, z))
-
-    def normalize_from(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """normalize(z) written into `out` (any float z dtype; out's dtype), two passes (loader hot path)."""
-        torch.sub(z, self._b(self.shift, out), out=out)
-        return out.mul_(self._b(self.scale, out))
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z / self._b(self.scale, z) + self._b(self.shift, z)
-
-
 @torch.no_grad()
 def decode(vae: torch.nn.Module, latents: torch.Tensor, norm: LatentNorm | None = None) -> torch.Tensor:
     """Model latents (B,C,h,w) -> pixels (B,3,H,W) in about [-1,1] (float32)."""
@@ -329,19 +280,3 @@ def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor, *, quantization
     """Latents (B,C,h,w) -> uint8 images (B,H,W,3) on CPU. `norm`: undo the training normalisation first
     (None: the latents are raw VAE latents)."""
     return quantize(decode(vae, latents, norm), quantization)
-
-
-def save_random_vae(store, kind: Literal["sd-vae", "va-vae-f16d32"] = "sd-vae",
-                    block_out_channels: tuple[int, ...] = (32, 32, 32, 32), seed: int = 0) -> None:
-    """Write a small random-weight AutoencoderKL with `kind`'s structure (levels, latent channels) in the diffusers
-    folder layout through a Storage: for tests and the demo, where no published weights may be downloaded."""
-    import tempfile
-
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**dict(VAE_KINDS[kind], block_out_channels=block_out_channels))
-    with tempfile.TemporaryDirectory() as d:
-        vae.save_pretrained(d, safe_serialization=True)
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-            store.put_file(name, os.path.join(d, name))

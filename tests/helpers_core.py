@@ -60,7 +60,7 @@ def one_rank_group(backend: str):
     import pytest
     import torch.distributed as dist
 
-    from igscale.io.local_s3 import free_ports
+    from igscale.demo.local_s3 import free_ports
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this pytest process")

@@ -18,7 +18,7 @@ import stat
 import pytest
 import torch
 
-from igscale.io.checkpoint import Checkpointer, CheckpointError, tag_for
+from igscale.checkpoint.store import Checkpointer, CheckpointError, tag_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,8 @@ def test_planted_pickle_in_ema_or_trainer_state_does_not_run(tmp_path, monkeypat
 
 
 def test_local_storage_respects_the_umask(tmp_path):
-    from igscale.io.storage import _UMASK, open_storage
+    from igscale.storage import open_storage
+    from igscale.storage.base import _UMASK
 
     st = open_storage(str(tmp_path / "store"))
     st.put_text("x.json", "{}")

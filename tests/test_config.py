@@ -7,7 +7,7 @@ import pytest
 from igscale.cli.train import main as train_main
 from igscale.config.load import load_config, parse_overrides, save_config
 from igscale.config.schema import RunConfig
-from igscale.config.typed import ConfigError
+from igscale.core.typed import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

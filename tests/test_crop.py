@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from igscale.data.crop import center_crop_adm
+from data_pipeline.crop import center_crop_adm
 
 
 def _box_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -137,7 +137,8 @@ def test_model_forward_fast_mode_report(forward_facts, capsys):
 def test_vae_decode_per_image_is_invariant(tf32, capsys):
     """The batch-invariant path decodes each image alone, so sample i's pixels cannot depend on its batch (this checks
     that the per-image decode is also deterministic); whether the fast batched decode matches is printed only."""
-    from igscale.vae import LatentNorm, build_vae, decode_to_uint8
+    from igscale.latents.norm import LatentNorm
+    from igscale.vae import build_vae, decode_to_uint8
 
     torch.manual_seed(0)
     vae = build_vae("sd-vae", None, device="cuda")  # the full SD-VAE architecture, random weights

@@ -11,8 +11,9 @@ import torch
 
 from igscale.cli import evaluate as cli_eval
 from igscale.cli import sweep as cli_sweep
+from igscale.demo.weights import random_published_state
 from igscale.eval.export_io import save_export
-from igscale.eval.inception import WEIGHTS_FILENAME, random_published_state
+from igscale.eval.inception import WEIGHTS_FILENAME
 from tests.test_eval_sampling import _env, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+from igscale.demo.weights import random_published_state
 from igscale.eval.inception import (
     WEIGHTS_FILENAME,
     WEIGHTS_URL,
     InceptionV3,
     load_inception,
-    random_published_state,
     tf1_resize_bilinear,
 )
 
@@ -79,7 +79,7 @@ def test_tf1_resize_grid():
 
 @pytest.mark.slow
 def test_load_from_s3(s3_bucket, tmp_path):
-    from igscale.io.storage import open_storage
+    from igscale.storage import open_storage
 
     torch.save(random_published_state(1), tmp_path / WEIGHTS_FILENAME)
     open_storage(f"s3://{s3_bucket}/weights").put_file(WEIGHTS_FILENAME, tmp_path / WEIGHTS_FILENAME)

@@ -264,7 +264,7 @@ def test_export_and_samples_on_s3(s3_bucket, tmp_path, s3_server):
     cmd[cmd.index("6")] = "20"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    from igscale.io.storage import open_storage
+    from igscale.storage import open_storage
 
     store = open_storage(url + "/samples")
     store.get_file("samples.npz", tmp_path / "s.npz")

@@ -1,7 +1,6 @@
 """IG study (issue 7): a smoke run of the whole pipeline, plus checks that comparisons are fair and the metric sane."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,14 +10,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from igscale.config.typed import ConfigError
+from bench.ig_study.classifier import embed, train_classifier
+from bench.ig_study.config import get_study_config
+from bench.ig_study.data import load_digits_16
+from bench.ig_study.evaluate import generate, make_reference, score
+from bench.ig_study.run import steps_to_reach
+from bench.ig_study.train import build_study_model, load_weights, train_run
+from igscale.core.typed import ConfigError
 from igscale.diffusion.guidance import GuidanceConfig
-from igscale.study.classifier import embed, train_classifier
-from igscale.study.config import get_study_config
-from igscale.study.data import load_digits_16
-from igscale.study.evaluate import generate, make_reference, score
-from igscale.study.run import steps_to_reach
-from igscale.study.train import build_study_model, load_weights, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,9 +103,8 @@ def test_samples_depend_only_on_seed_and_ig_is_free(data):
 
 
 def test_smoke_study_regenerates_document(tmp_path):
-    spec = importlib.util.spec_from_file_location("ig_study_bench", ROOT / "bench" / "ig_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import bench.ig_study.__main__ as mod
+
     out = tmp_path / "ig_study.md"
     mod.main(["--preset", "smoke", "--out", str(out), "--threads", "1", "--cache", str(tmp_path / "res.pt")])
     text = out.read_text()

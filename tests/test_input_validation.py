@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from igscale.config.load import load_config
-from igscale.config.typed import ConfigError
+from igscale.core.typed import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")

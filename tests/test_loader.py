@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from data_pipeline.run import parse_args, precompute
-from igscale.io.loader import LatentLoader, assign_shards, epoch_shard_order
-from igscale.io.shard_format import decode_array
-from igscale.io.storage import open_storage
+from igscale.latents.format import decode_array
+from igscale.latents.loader import LatentLoader, assign_shards, epoch_shard_order
+from igscale.storage import open_storage
 from tests.test_pipeline import job_args, make_tree, make_vae
 
 
@@ -36,7 +36,7 @@ def flip_dataset(s3_server):
 def _stored(m) -> dict[int, dict]:
     import webdataset as wds
 
-    from igscale.io.loader import register_s3_gopen
+    from igscale.latents.loader import register_s3_gopen
 
     register_s3_gopen()
     out = {}
@@ -150,7 +150,7 @@ def test_tar_reader_matches_tarfile():
     import os
     import tarfile
 
-    from igscale.io.shard_format import TarFormatError, iter_tar_samples, write_tar
+    from igscale.latents.format import TarFormatError, iter_tar_samples, write_tar
 
     samples = [{"__key__": f"{i:09d}", "cls": b"7", "mean.npy": os.urandom(100 + 37 * i), "std.npy": b""}
                for i in range(6)]
@@ -176,7 +176,7 @@ def test_tar_reader_matches_tarfile():
 
 # ---------------------------------------------------------------------------------------------- block reader
 def _shard(n: int, dtype: str = "float32", first: int = 0, seed: int = 0) -> tuple[bytes, list[dict]]:
-    from igscale.io.shard_format import encode_array, sample_key, write_tar
+    from igscale.latents.format import encode_array, sample_key, write_tar
 
     g = torch.Generator().manual_seed(seed)
     samples = [{"__key__": sample_key(first + i), "cls": str((i * 389) % 1000).encode(),  # 1 to 3 digits
@@ -188,7 +188,7 @@ def _shard(n: int, dtype: str = "float32", first: int = 0, seed: int = 0) -> tup
 def _blocks(data: bytes, chunk: int) -> tuple[list[int], list[int], list]:
     import io
 
-    from igscale.io.shard_reader import read_sample_blocks
+    from igscale.latents.reader import read_sample_blocks
 
     keys, labels, arrays = [], [], []
     for b in read_sample_blocks(io.BytesIO(data), ("mean", "std"), chunk_bytes=chunk):
@@ -203,7 +203,7 @@ def test_block_reader_equals_member_parser():
     cut a record, and for both stored dtypes."""
     import io
 
-    from igscale.io.shard_format import iter_tar_samples, npy_view
+    from igscale.latents.format import iter_tar_samples, npy_view
 
     for dtype in ("float32", "bfloat16"):
         data, _ = _shard(40, dtype)
@@ -222,13 +222,13 @@ def test_block_reader_irregular_and_damaged_shards():
     import io
     import tarfile
 
-    from igscale.io.shard_format import TarFormatError, iter_tar_samples
+    from igscale.latents.format import TarFormatError, iter_tar_samples
 
     data, samples = _shard(12)
     # an extra member in sample 5 (another writer's layout): still every sample, from the member parser
     samples2 = [dict(s) for s in samples]
     samples2[5]["json"] = b'{"note": 1}'
-    from igscale.io.shard_format import write_tar
+    from igscale.latents.format import write_tar
 
     data2 = write_tar(samples2)
     assert _blocks(data2, 1 << 20)[0] == [int(s["__key__"]) for s in samples]
@@ -261,7 +261,7 @@ def test_block_reader_irregular_and_damaged_shards():
 
 
 def test_mix_many_matches_scalar_mix():
-    from igscale.io.loader import _mix, _mix_many
+    from igscale.latents.loader import _mix, _mix_many
 
     keys = np.array([0, 1, 2, 10**9, 2**40 + 3], np.int64)
     assert _mix_many(7, 3, keys).tolist() == [_mix(7, 3, int(k)) for k in keys]
@@ -273,7 +273,7 @@ def moments_dataset(s3_server):
     """5 synthetic shards (7,7,7,7,5 samples) of posterior mean/std, float32, on the S3 test server."""
     import hashlib
 
-    from igscale.io.shard_format import FORMAT, shard_key
+    from igscale.latents.format import FORMAT, shard_key
 
     bucket = s3_server.create_bucket()
     mp = pytest.MonkeyPatch()
@@ -349,7 +349,7 @@ def test_finish_on_device_sample_flip(flip_dataset):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recycler_reuses_a_buffer_once_every_view_is_dropped(dtype):
-    from igscale.io.loader import _Recycler
+    from igscale.latents.loader import _Recycler
 
     r = _Recycler((6, 2, 3), dtype, enabled=True)
     a = r.get(4)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from igscale.config.typed import ConfigError
+from igscale.core.typed import ConfigError
 from igscale.models import build_model, model_config, model_names
 from igscale.models.layers import Rope2D, apply_rope, sincos_2d
 from tests.helpers_core import randomize_, tiny_model

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from igscale.data.crop import center_crop_adm
-from igscale.io.loader import LatentLoader
-from igscale.io.shard_format import decode_array, shard_key
-from igscale.io.storage import StorageError, open_storage
-from igscale.vae import save_random_vae
+from data_pipeline.crop import center_crop_adm
+from igscale.demo.weights import save_random_vae
+from igscale.latents.format import decode_array, shard_key
+from igscale.latents.loader import LatentLoader
+from igscale.storage import StorageError, open_storage
 
 CLASSES = ["n01443537", "n01530575", "n02085620"]
 PER_CLASS = 8
@@ -103,7 +103,7 @@ def test_ray_job_fault_roundtrip_rerun(ray_cluster, s3_server, dataset_bucket, t
     src = open_storage(f"s3://{bucket}/images")
     import webdataset as wds
 
-    from igscale.io.loader import register_s3_gopen
+    from igscale.latents.loader import register_s3_gopen
 
     register_s3_gopen()
     stored = {}
@@ -214,7 +214,7 @@ def test_shuffled_shard_order(s3_server, dataset_bucket, monkeypatch):
     assert plan != shard_plan(25, 5) and sorted(i for ix in plan for i in ix) == list(range(25))
     import webdataset as wds
 
-    from igscale.io.loader import register_s3_gopen
+    from igscale.latents.loader import register_s3_gopen
 
     register_s3_gopen()
     mixed = 0

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from igscale.io.storage import LocalStorage, S3Storage, StorageError, open_storage, split_url
+from igscale.storage import LocalStorage, S3Storage, StorageError, open_storage, split_url
 
 
 @pytest.fixture(params=["local", "s3"])

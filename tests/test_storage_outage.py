@@ -92,7 +92,7 @@ def _latents(bucket: str) -> str:
 
 
 def _loader(manifest: str, endpoint: str, on_corrupt: str):
-    from igscale.io.loader import LatentLoader
+    from igscale.latents.loader import LatentLoader
 
     return LatentLoader(manifest, batch_size=8, rank=0, world_size=1, num_workers=0, seed=0, shuffle_buffer=16,
                         endpoint_url=endpoint, on_corrupt=on_corrupt, return_keys=True)
@@ -122,7 +122,7 @@ def test_outage_while_reading_loses_nothing_in_skip_mode(outage_env, s3_bucket, 
 @pytest.mark.parametrize("on_corrupt", ["skip", "raise"])
 def test_outage_past_the_budget_is_a_storage_error_naming_the_endpoint(outage_env, s3_bucket, monkeypatch,
                                                                        on_corrupt):
-    from igscale.io.storage import StorageError
+    from igscale.storage import StorageError
 
     proxy = outage_env
     manifest = _latents(s3_bucket)
@@ -144,7 +144,7 @@ def test_outage_past_the_budget_is_a_storage_error_naming_the_endpoint(outage_en
 def test_checkpoint_survives_an_outage_mid_save(outage_env, s3_bucket, tmp_path, capfd):
     import torch
 
-    from igscale.io.checkpoint import Checkpointer, tag_for
+    from igscale.checkpoint.store import Checkpointer, tag_for
 
     proxy = outage_env
     ck = Checkpointer(f"s3://{s3_bucket}/ck", str(tmp_path / "stage"), endpoint_url=proxy.endpoint)

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from igscale.io.checkpoint import Checkpointer, tag_for
+from igscale.checkpoint.store import Checkpointer, tag_for
 from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
 from igscale.training.muon import MuonWithAdam, muon_param_groups, newton_schulz5
@@ -134,7 +134,7 @@ def test_crash_during_upload_keeps_latest(s3_bucket, s3_server, tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from test_train_units import _writer
-        from igscale.io.checkpoint import Checkpointer
+        from igscale.checkpoint.store import Checkpointer
         Checkpointer({url!r}, {str(tmp_path / "stage2")!r}).save(2, _writer(2))
     """)
     env = dict(os.environ, **s3_server.env, IGSCALE_FAULT_UPLOAD_KILL="2:2")

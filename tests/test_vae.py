@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from igscale.latents.norm import LatentNorm
 from igscale.vae import (
     VAE_KINDS,
-    LatentNorm,
     VAEError,
     build_vae,
     decode,
@@ -202,7 +202,7 @@ def test_ldm_checkpoint_matches_reference(tmp_path, kind, arch, fmt):
 def test_diffusers_folder_from_s3(s3_bucket, tmp_path):
     from diffusers import AutoencoderKL
 
-    from igscale.io.storage import open_storage
+    from igscale.storage import open_storage
 
     cfg = dict(VAE_KINDS["sd-vae"], block_out_channels=(32, 32, 64, 64))
     src = AutoencoderKL(**cfg)

@@ -5,16 +5,7 @@ import sys
 from collections.abc import Callable
 
 from igscale.distributed.env import DistEnv, destroy_distributed, init_distributed
-from igscale.io.storage import StorageError
-
-try:  # wrong credentials, a missing bucket, an unreachable endpoint: one line, not a botocore traceback
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    _S3_ERRORS: tuple = (BotoCoreError, ClientError)
-except ImportError:  # boto3 is optional for local-only use
-    _S3_ERRORS = ()
-
-USER_ERRORS = (ValueError, FileNotFoundError, StorageError, *_S3_ERRORS)
+from igscale.storage import USER_ERRORS
 
 
 def run_distributed(prog: str, run: Callable[[DistEnv], int], *, timeout_s: float | None = None) -> int:

@@ -13,7 +13,7 @@ from igscale.cli.common import run_distributed
 from igscale.distributed.env import device_for
 from igscale.eval.evaluate import evaluate_npz, fetch_local, make_reference_batch
 from igscale.eval.inception import WEIGHTS_FILENAME, load_inception
-from igscale.io.storage import split_url
+from igscale.storage import split_url
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def _assemble(files: list[str]) -> dict[str, torch.Tensor]:
 
 def ema_state_dict_from_checkpoint(ckpt_url: str, tag: str | None = None, endpoint_url: str | None = None):
     """(model_config dict, full EMA model state dict) for checkpoint `tag` (default: latest)."""
-    from igscale.io.checkpoint import Checkpointer
+    from igscale.checkpoint.store import Checkpointer
     from igscale.models import build_model_from_config
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="export folder or s3:// prefix")
     p.add_argument("--endpoint-url", default=None)
     a = p.parse_args(argv)
-    from igscale.cli.common import USER_ERRORS
+    from igscale.checkpoint.store import CheckpointError, check_tag
     from igscale.eval.export_io import save_export
-    from igscale.io.checkpoint import CheckpointError, check_tag
     from igscale.models import build_model_from_config
+    from igscale.storage import USER_ERRORS
 
     try:
         if a.tag is not None:

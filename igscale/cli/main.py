@@ -10,7 +10,7 @@ COMMANDS = {
     "eval": "igscale.cli.evaluate",
     "sweep": "igscale.cli.sweep",
     "export": "igscale.cli.export",
-    "demo": "igscale.cli.demo",
+    "demo": "igscale.demo.run",
 }
 
 

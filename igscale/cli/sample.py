@@ -12,7 +12,7 @@ import time
 import torch
 
 from igscale.cli.common import run_distributed
-from igscale.config.typed import to_dict
+from igscale.core.typed import to_dict
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.generate import GenerationConfig, assemble, describe, generate
 from igscale.eval.setup import add_model_args, add_sampler_args, build_decoder, load_model, sampler_from_args

@@ -12,7 +12,7 @@ import json
 
 from igscale.cli.common import run_distributed
 from igscale.cli.sample import add_batch_mode_args
-from igscale.config.typed import to_dict
+from igscale.core.typed import to_dict
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.evaluate import evaluate_npz, extract_features, fetch_local
 from igscale.eval.generate import SAMPLES_NPZ, GenerationConfig, assemble, describe, generate
@@ -20,7 +20,7 @@ from igscale.eval.inception import WEIGHTS_FILENAME, load_inception
 from igscale.eval.npz import validate_ref_npz
 from igscale.eval.setup import add_model_args, add_sampler_args, build_decoder, load_model, sampler_from_args
 from igscale.eval.sweep import make_grid, write_report
-from igscale.io.storage import open_storage
+from igscale.storage import open_storage
 
 
 def _interval(s: str) -> tuple[float, float]:

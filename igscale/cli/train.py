@@ -11,7 +11,7 @@ import os
 import sys
 
 from igscale.config.load import load_config, save_config
-from igscale.config.typed import ConfigError
+from igscale.core.typed import ConfigError
 
 __all__ = ["main", "build_parser"]
 
@@ -80,7 +80,7 @@ def _ray_launch(cfg, args) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from igscale.config.typed import to_dict
+    from igscale.core.typed import to_dict
 
     cfg = cfg.replace(run_dir=os.path.abspath(cfg.run_dir))  # Ray workers run in their own working directories
     # Workers need the S3 endpoint/credentials of the submitting shell; values are passed, never printed.
@@ -111,13 +111,13 @@ def _ray_launch(cfg, args) -> int:
 def _run(cfg) -> int:
     import torch.distributed as dist
 
+    from igscale.checkpoint.store import Checkpointer
     from igscale.distributed.engine import init_deepspeed_distributed
     from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
-    from igscale.io.checkpoint import Checkpointer
-    from igscale.io.loader import LatentLoader
-    from igscale.io.metrics import MetricsSink, peak_flops
+    from igscale.latents.loader import LatentLoader
     from igscale.models import model_config as registry_config
     from igscale.models.flops import train_flops_per_image
+    from igscale.monitor.metrics import MetricsSink, peak_flops
     from igscale.ops.attention import attention_kind
     from igscale.training.build import build_engine
     from igscale.training.loop import EXIT_OK, Trainer

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from igscale.config.schema import RunConfig
-from igscale.config.typed import ConfigError, from_dict, to_dict
+from igscale.core.typed import ConfigError, from_dict, to_dict
 
 __all__ = ["load_config", "config_from_dict", "parse_overrides", "save_config", "config_to_yaml"]
 

@@ -1,6 +1,6 @@
 """RunConfig: the typed, validated description of one training run.
 
-Every section is a keyword-only dataclass built through `igscale.config.typed.from_dict`, so an unknown key or
+Every section is a keyword-only dataclass built through `igscale.core.typed.from_dict`, so an unknown key or
 a wrong type fails with the dotted path before any worker starts. `__post_init__` checks value ranges and
 cross-field rules (raising ValueError, which `from_dict` turns into ConfigError with the section path).
 """

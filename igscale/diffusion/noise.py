@@ -5,16 +5,14 @@ from collections.abc import Sequence
 
 import torch
 
-from igscale.seeding import GOLDEN, MIX1, MIX2, splitmix64
+from igscale.core.seeding import Stream, generator
 
-
-def mix_seed(seed: int, stream: int) -> int:
-    """splitmix64 of (seed, stream) -> a well-spread 63-bit generator seed."""
-    return splitmix64(int(seed) * GOLDEN + int(stream) * MIX1 + MIX2) & ((1 << 63) - 1)
+__all__ = ["generator_for", "per_sample_randn", "per_sample_randint", "PerSampleNoise"]
 
 
 def generator_for(seed: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(mix_seed(seed, stream))
+    """The generator of sample `seed`'s sub-stream `stream` (0: initial noise, 1: label, 2+: SDE increments)."""
+    return generator(seed, Stream.SAMPLE_NOISE, stream)
 
 
 def per_sample_randn(

@@ -21,7 +21,7 @@ from igscale.eval.fid import GaussianStats, compute_stats
 from igscale.eval.inception import InceptionV3
 from igscale.eval.metrics import compute_all_metrics
 from igscale.eval.npz import iter_batches, load_ref_stats, validate_ref_npz, validate_sample_npz, write_npz_streaming
-from igscale.io.storage import is_s3_url, split_url
+from igscale.storage import is_s3_url, split_url
 
 __all__ = ["fetch_local", "extract_features", "evaluate_npz", "make_reference_batch"]
 

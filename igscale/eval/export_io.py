@@ -1,15 +1,15 @@
 """Inference exports (`model.safetensors` + `model_config.json`) on a local folder or an s3:// prefix.
 
 The file format itself is the lead's `igscale.models.convert.save/load_inference_export`; this module only moves
-the two files through `igscale.io.storage` so training can publish an export and evaluation can consume it anywhere.
+the two files through `igscale.storage` so training can publish an export and evaluation can consume it anywhere.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 
-from igscale.io.storage import is_s3_url, open_storage
 from igscale.models.convert import EXPORT_CONFIG, EXPORT_WEIGHTS, load_inference_export, save_inference_export
+from igscale.storage import is_s3_url, open_storage
 
 __all__ = ["save_export", "load_export", "EXPORT_WEIGHTS", "EXPORT_CONFIG"]
 

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from igscale.config.typed import to_dict
+from igscale.core.typed import to_dict
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.diffusion.noise import per_sample_randn
 from igscale.diffusion.samplers import SamplerConfig, sample
 from igscale.distributed.env import DistEnv, barrier
 from igscale.eval.labels import make_labels
 from igscale.eval.npz import write_npz_streaming
-from igscale.io.storage import Storage, is_s3_url, open_storage
 from igscale.ops.linear import batch_invariant
+from igscale.storage import Storage, is_s3_url, open_storage
 from igscale.vae import quantize
 
 __all__ = ["GenerationConfig", "chunk_key", "decode_batch", "generate", "assemble", "latents_to_uint8", "JOB_FILE",

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["InceptionV3", "load_inception", "random_published_state", "WEIGHTS_FILENAME", "WEIGHTS_URL",
+__all__ = ["InceptionV3", "load_inception", "WEIGHTS_FILENAME", "WEIGHTS_URL",
            "tf1_resize_bilinear"]
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -214,7 +214,7 @@ def _missing_weights_error(url: str) -> FileNotFoundError:
 
 def _read_weights(url: str) -> bytes:
     if url.startswith("s3://"):
-        from igscale.io.storage import split_url
+        from igscale.storage import split_url
 
         if url.endswith("/"):
             url += WEIGHTS_FILENAME
@@ -254,22 +254,3 @@ def load_inception(url: str, device: torch.device | str = "cpu") -> InceptionV3:
         raise ValueError(f"{url}: wrong tensor shapes for {bad[:5]}")
     model.load_state_dict(state, strict=False)
     return model.eval().to(device)
-
-
-def random_published_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the published pytorch-fid file layout (no BN counters), scaled so activations stay O(1).
-
-    For tests and the demo only: metrics computed with them exercise the code path and are not FIDs.
-    """
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in InceptionV3().state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            continue  # the published file has no such buffers
-        if k.endswith("running_var") or k.endswith("bn.weight"):
-            sd[k] = torch.rand(v.shape, generator=g) + 0.5
-        elif k.endswith("running_mean") or k.endswith(".bias"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        else:  # conv / fc weights, fan-in scaled
-            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-    return sd

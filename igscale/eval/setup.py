@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from igscale.config.typed import from_dict, to_dict
+from igscale.core.typed import from_dict, to_dict
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.diffusion.presets import PRESETS, get_preset
 from igscale.diffusion.samplers import SamplerConfig
@@ -93,7 +93,7 @@ def state_sha256(model: torch.nn.Module) -> str:
 
 
 def _latent_norm(args):
-    from igscale.vae import LatentNorm
+    from igscale.latents.norm import LatentNorm
 
     if args.vae == "sd-vae":
         return LatentNorm.scalar(args.latent_scale), {"latent_norm": {"scale": args.latent_scale}}

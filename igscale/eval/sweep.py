@@ -13,9 +13,9 @@ import itertools
 import json
 from dataclasses import dataclass, replace
 
-from igscale.config.typed import to_dict
+from igscale.core.typed import to_dict
 from igscale.diffusion.guidance import GuidanceConfig
-from igscale.io.storage import open_storage
+from igscale.storage import open_storage
 
 __all__ = ["GridPoint", "make_grid", "write_report"]
 

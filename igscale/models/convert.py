@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from igscale.config.typed import to_dict
+from igscale.core.typed import to_dict
 from igscale.models.dit import IGDiT
 from igscale.models.registry import build_model_from_config, model_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from igscale.config.typed import from_dict
+from igscale.core.typed import from_dict
 from igscale.models.config import ModelConfig
 from igscale.models.dit import IGDiT
 

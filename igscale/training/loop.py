@@ -21,7 +21,7 @@ import time
 import torch
 
 from igscale.config.schema import RunConfig
-from igscale.config.typed import ConfigError, to_dict
+from igscale.core.typed import ConfigError, to_dict
 from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
 from igscale.training.resume_check import frozen_changes

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from igscale.study.data import NUM_CLASSES
+from bench.ig_study.data import NUM_CLASSES
 
 
 class DigitNet(nn.Module):

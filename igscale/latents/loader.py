@@ -32,11 +32,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from igscale.io.shard_format import FIELDS, MANIFEST, torch_dtype
-from igscale.io.shard_reader import SampleBlock, read_sample_blocks
-from igscale.io.storage import StorageError, is_s3_url, is_storage_failure, open_storage
-from igscale.seeding import GOLDEN, MASK64, MIX1, MIX2, splitmix64, splitmix64_np
-from igscale.vae import LatentNorm
+from igscale.core.seeding import GOLDEN, MASK64, MIX1, MIX2, splitmix64, splitmix64_np
+from igscale.latents.format import FIELDS, MANIFEST, torch_dtype
+from igscale.latents.norm import LatentNorm
+from igscale.latents.reader import SampleBlock, read_sample_blocks
+from igscale.storage import StorageError, is_s3_url, is_storage_failure, open_storage
 
 __all__ = ["LatentLoader", "ShardReadError", "register_s3_gopen", "epoch_shard_order", "assign_shards",
            "load_manifest"]
@@ -54,7 +54,7 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, *, endpoint_url: 
     if mode != "rb":
         raise ValueError(f"s3 gopen handler is read-only, got mode {mode!r}")
     bucket, _, key = url[len("s3://"):].partition("/")
-    from igscale.io.storage import S3Storage
+    from igscale.storage import S3Storage
 
     # One client per (process, bucket, endpoint): creating a boto3 client costs far more than opening a shard.
     store = _S3_STORES.get((os.getpid(), bucket, endpoint_url))

@@ -1,4 +1,4 @@
-"""Checkpoints: write to local staging, upload through igscale.io.storage, then (and only then) move `latest`.
+"""Checkpoints: write to local staging, upload through igscale.storage, then (and only then) move `latest`.
 
 Layout under the checkpoint URL:
     step_000001000/<files of every rank>     DeepSpeed state (mp_rank_*, zero_pp_rank_*), trainer_rank*.pt, ...
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from igscale.distributed.collectives import all_ok
 from igscale.distributed.env import barrier
-from igscale.io.storage import Storage, open_storage
+from igscale.storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "CheckpointError", "tag_for", "step_of", "check_tag"]
 

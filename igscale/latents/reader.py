@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from igscale.io.shard_format import TarFormatError, iter_tar_samples, npy_view
+from igscale.latents.format import TarFormatError, iter_tar_samples, npy_view
 
 __all__ = ["SampleBlock", "read_sample_blocks"]
 

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from igscale.config.typed import from_dict
+from bench.ig_study.classifier import DigitNet, embed, train_classifier
+from bench.ig_study.config import StudyConfig
+from bench.ig_study.data import load_digits_16
+from bench.ig_study.evaluate import Reference, generate, make_reference, score
+from bench.ig_study.train import load_weights, train_run
+from igscale.core.typed import from_dict
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.eval.fid import compute_stats
-from igscale.study.classifier import DigitNet, embed, train_classifier
-from igscale.study.config import StudyConfig
-from igscale.study.data import load_digits_16
-from igscale.study.evaluate import Reference, generate, make_reference, score
-from igscale.study.train import load_weights, train_run
 
 ARMS = ("aux", "noaux")
 GRID_IMAGES = 40  # first 40 samples of each sweep setting (4 per class) are kept for the sample grids

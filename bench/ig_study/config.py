@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from igscale.config.typed import from_dict
+from igscale.core.typed import from_dict
 
 
 @dataclass

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.ig_study.classifier import DigitNet, embed
+from bench.ig_study.data import NUM_CLASSES, SIZE, balanced_labels
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.diffusion.noise import per_sample_randn
 from igscale.diffusion.samplers import SamplerConfig, sample
 from igscale.eval.fid import GaussianStats, compute_stats, frechet_distance
 from igscale.eval.metrics import precision_recall
-from igscale.study.classifier import DigitNet, embed
-from igscale.study.data import NUM_CLASSES, SIZE, balanced_labels
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igscale.study.run import ARMS, steps_to_reach, summarize
+from bench.ig_study.run import ARMS, steps_to_reach, summarize
 
 ARM_LABEL = {"aux": "with aux loss (w=0.5)", "noaux": "without aux loss (w=0)"}
 

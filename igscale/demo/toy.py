@@ -48,7 +48,7 @@ def toy_images(per_class: int = 24, size: int = 80, seed: int = 0):
 
 
 def write_toy_tree(store, per_class: int = 24, size: int = 80, seed: int = 0) -> int:
-    """Write the toy set through an igscale.io.storage Storage (local folder or s3:// prefix). Returns the count."""
+    """Write the toy set through an igscale.storage Storage (local folder or s3:// prefix). Returns the count."""
     n = 0
     for key, _, data in toy_images(per_class, size, seed):
         store.put_bytes(key, data)

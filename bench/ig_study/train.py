@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.ig_study.config import StudyConfig
+from bench.ig_study.data import NUM_CLASSES, SIZE
 from igscale.diffusion.losses import ig_loss
 from igscale.diffusion.timesteps import sample_t
 from igscale.models import build_model
-from igscale.study.config import StudyConfig
-from igscale.study.data import NUM_CLASSES, SIZE
 from igscale.training.ema import EMA
 
 

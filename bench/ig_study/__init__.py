@@ -2,8 +2,8 @@
 
 Claim 1: the auxiliary (intermediate-head) loss speeds up training. Claim 2: IG sampling improves samples at no extra
 model evaluations, alone and with CFG. Everything runs through igscale's own model, loss, sampler and metric code;
-`bench/ig_study.py` is the one command that reruns it and regenerates docs/ig_study.md.
+`python -m bench.ig_study` is the one command that reruns it and regenerates docs/ig_study.md.
 """
-from igscale.study.config import PRESETS, StudyConfig, get_study_config
+from bench.ig_study.config import PRESETS, StudyConfig, get_study_config
 
 __all__ = ["PRESETS", "StudyConfig", "get_study_config"]

@@ -1,7 +1,7 @@
 """The IG evidence study (issue 7): reruns everything and regenerates docs/ig_study.md and docs/ig_study/*.png.
 
-    python bench/ig_study.py                  # full study, ~15 min on a 2-core CPU
-    python bench/ig_study.py --preset smoke --out /tmp/ig_smoke.md   # a few steps, for checking the plumbing
+    python -m bench.ig_study                  # full study, ~15 min on a 2-core CPU
+    python -m bench.ig_study --preset smoke --out /tmp/ig_smoke.md   # a few steps, for checking the plumbing
 
 Tests both claims of Internal Guidance with igscale's own model, loss, sampler and metric code on 8×8 digits upsampled
 to 16×16: (1) the auxiliary loss speeds up training, (2) IG sampling improves samples at no extra NFE, alone and with
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from igscale.study.config import PRESETS, get_study_config
-from igscale.study.report import write_report
-from igscale.study.run import run_study
+from bench.ig_study.config import PRESETS, get_study_config
+from bench.ig_study.report import write_report
+from bench.ig_study.run import run_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_study(cfg)
         torch.save(res, cache)
     shown = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]  # the study's command
-    write_report(res, Path(a.out), ("python bench/ig_study.py " + shlex.join(shown)).strip())
+    write_report(res, Path(a.out), ("python -m bench.ig_study " + shlex.join(shown)).strip())
     print(f"wrote {a.out} in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

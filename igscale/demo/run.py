@@ -1,7 +1,7 @@
 """`igscale demo`: the whole product at toy scale on CPU, with embedded defaults, in a few minutes.
 
 1. start a local S3 server (SeaweedFS) on 127.0.0.1;
-2. write a procedurally generated labelled image set (igscale.data.toy, no download) to S3;
+2. write a procedurally generated labelled image set (igscale.demo.toy, no download) to S3;
 3. precompute VAE latents with the Ray job into WebDataset shards on S3 (random-weight f8 VAE, labelled as such);
 4. train a tiny SiT+IG with DeepSpeed ZeRO-2 on 2 processes (torchrun/gloo), TensorBoard logs, checkpoints on S3;
 5. export the EMA weights and sample with IG and with CFG+IG on 2 processes;
@@ -53,7 +53,7 @@ def _run(cmd: list[str], env: dict, log: Path) -> None:
 
 
 def _free_port() -> int:
-    from igscale.io.local_s3 import free_ports
+    from igscale.demo.local_s3 import free_ports
 
     return free_ports(1)[0]
 
@@ -64,7 +64,7 @@ def _real_images_npz(store, out: Path, size: int) -> int:
 
     from PIL import Image
 
-    from igscale.data.crop import center_crop_adm
+    from data_pipeline.crop import center_crop_adm
 
     imgs = []
     for key in store.list(""):
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
 
-    from igscale.io.local_s3 import start_s3_server
-    from igscale.io.storage import open_storage
+    from igscale.demo.local_s3 import start_s3_server
+    from igscale.storage import open_storage
 
     _say("starting SeaweedFS (S3) on 127.0.0.1")
     s3 = start_s3_server(work / "s3")
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         root = f"s3://{BUCKET}"
 
         # 2. data ------------------------------------------------------------------------------------------------
-        from igscale.data.toy import write_toy_tree
-        from igscale.vae import save_random_vae
+        from igscale.demo.toy import write_toy_tree
+        from igscale.demo.weights import save_random_vae
 
         n = write_toy_tree(open_storage(f"{root}/images"), per_class=a.per_class)
         save_random_vae(open_storage(f"{root}/weights/vae"), "sd-vae", (32, 32, 64, 64))
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         # 6. metrics through the evaluation code path (random-weight Inception) ------------------------------------
         import torch
 
-        from igscale.eval.inception import WEIGHTS_FILENAME, random_published_state
+        from igscale.demo.weights import random_published_state
+        from igscale.eval.inception import WEIGHTS_FILENAME
 
         inc = work / "inception_random"
         inc.mkdir()

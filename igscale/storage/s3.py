@@ -1,11 +1,4 @@
-"""One small storage layer for datasets, checkpoints and evaluation outputs: local paths and `s3://bucket/prefix`.
-
-`open_storage(url)` picks the backend from the URL scheme. Keys are '/'-separated and relative to the prefix.
-
-Atomicity: local writes go to a temp file in the target folder and are `os.replace`d into place. S3 writes
-are atomic by protocol: an object becomes visible only when its PUT (or CompleteMultipartUpload) succeeds, and
-a failed multipart upload is aborted, so a reader never sees a partial object. Datasets additionally write
-their manifest last, so a half-written dataset is never mistaken for a complete one.
+"""S3 (or any S3-compatible server) storage with one bounded retry policy for outages.
 
 boto3 is imported lazily so that model code and local runs never need it.
 """
@@ -14,263 +7,17 @@ from __future__ import annotations
 import io
 import os
 import random
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-__all__ = ["StorageError", "Storage", "LocalStorage", "S3Storage", "open_storage", "split_url", "is_s3_url"]
+from igscale.storage.base import Storage, StorageError, join_key, temp_file_beside
+from igscale.storage.retry import _code, _is_retryable, _short, _status, _warn, request_timeout_s, retry_budget_s
 
 T = TypeVar("T")
 
-# S3 error codes that mean "try again later" rather than "you asked for something wrong".
-_RETRY_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestTimeout",
-    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout",
-}
-
-
-# The process umask, read once at import (os.umask can only be read by setting it, which is racy once threads run).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _temp_file(dst: Path) -> tuple[int, str]:
-    """A temp file next to `dst` with the mode a plain open() would give (mkstemp makes 0600, which would hide
-    checkpoints and exports from teammates on a shared filesystem)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    return fd, tmp
-
-
-class StorageError(RuntimeError):
-    """A storage problem the user must fix (missing credentials, missing bucket, missing key...)."""
-
-
-def is_s3_url(url: str) -> bool:
-    return url.startswith("s3://")
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-
-
-class Storage:
-    """Common interface. Subclasses implement the primitive operations."""
-
-    def join(self, *parts: str) -> str:
-        return _join(*parts)
-
-    def url(self, key: str = "") -> str:
-        raise NotImplementedError
-
-    def check(self) -> None:
-        """Raise StorageError now if the destination cannot be used (before any expensive work starts)."""
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
-        raise NotImplementedError
-
-    def get_bytes(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
-        raise NotImplementedError
-
-    def open_read(self, key: str) -> IO[bytes]:
-        raise NotImplementedError
-
-    def exists(self, key: str) -> bool:
-        raise NotImplementedError
-
-    def size(self, key: str) -> int:
-        raise NotImplementedError
-
-    def list(self, prefix: str = "") -> list[str]:
-        raise NotImplementedError
-
-    def delete(self, key: str) -> None:
-        raise NotImplementedError
-
-    def put_text(self, key: str, text: str) -> None:
-        self.put_bytes(key, text.encode("utf-8"))
-
-    def get_text(self, key: str) -> str:
-        return self.get_bytes(key).decode("utf-8")
-
-
-# ----------------------------------------------------------------------------------------------------------
-class LocalStorage(Storage):
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().absolute()
-
-    def __repr__(self) -> str:
-        return f"LocalStorage({str(self.root)!r})"
-
-    def _path(self, key: str) -> Path:
-        if not key:
-            return self.root
-        parts = key.split("/")
-        if key.startswith("/") or ".." in parts or "\\" in key:
-            raise StorageError(f"key {key!r} would leave the storage root {self.root}")
-        return self.root / key
-
-    def url(self, key: str = "") -> str:
-        return str(self._path(key))
-
-    def check(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise StorageError(f"{self.root} exists and is not a directory")
-
-    def _atomic_write(self, key: str, write: Callable[[IO[bytes]], None]) -> None:
-        dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_file(dst)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda f: f.write(data))
-
-    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
-        with open(local_path, "rb") as src:
-            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, 8 << 20))
-
-    def _existing(self, key: str) -> Path:
-        p = self._path(key)
-        if not p.is_file():
-            raise FileNotFoundError(f"no such object: {p}")
-        return p
-
-    def get_bytes(self, key: str) -> bytes:
-        return self._existing(key).read_bytes()
-
-    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
-        src = self._existing(key)
-        LocalStorage(Path(local_path).absolute().parent).put_file(Path(local_path).name, src)
-
-    def open_read(self, key: str) -> IO[bytes]:
-        return open(self._existing(key), "rb")
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def size(self, key: str) -> int:
-        return self._existing(key).stat().st_size
-
-    def list(self, prefix: str = "") -> list[str]:
-        if not self.root.is_dir():
-            return []
-        out = []
-        for dirpath, _, files in os.walk(self.root):
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            for f in files:
-                key = f if rel == "." else f"{rel}/{f}"
-                if key.startswith(prefix) and not (f.startswith(".") and f.endswith(".tmp")):
-                    out.append(key)
-        return sorted(out)
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-def _is_retryable(exc: BaseException) -> bool:
-    import botocore.exceptions as bex
-
-    if isinstance(exc, bex.ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-        return err.get("Code") in _RETRY_CODES or status >= 500 or status == 429
-    return isinstance(
-        exc,
-        (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError, bex.ConnectTimeoutError,
-         bex.ResponseStreamingError, bex.IncompleteReadError, ConnectionError, TimeoutError),
-    )
-
-
-def is_storage_failure(exc: BaseException) -> bool:
-    """Whether `exc` (or its cause) is the storage failing (outage, exhausted retries, credentials), as opposed to
-    the stored bytes being bad. A missing object (404) counts as bad data."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, StorageError):
-            return True
-        try:
-            import botocore.exceptions as bex
-
-            if isinstance(exc, bex.ClientError):
-                return _status(exc) not in (404, 416) and _code(exc) not in ("NoSuchKey", "NotFound", "404")
-            if isinstance(exc, bex.BotoCoreError):
-                return True
-        except ImportError:
-            pass
-        if _is_retryable_builtin(exc):
-            return True
-        exc = exc.__cause__
-    return False
-
-
-def _is_retryable_builtin(exc: BaseException) -> bool:
-    return isinstance(exc, (ConnectionError, TimeoutError))
-
-
-def _status(exc: BaseException) -> int:
-    resp = getattr(exc, "response", None) or {}
-    return resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-
-
-def _code(exc: BaseException) -> str:
-    resp = getattr(exc, "response", None) or {}
-    return str(resp.get("Error", {}).get("Code", ""))
-
-
 _CLIENTS: dict = {}
-
-
-def retry_budget_s() -> float:
-    """Seconds a storage operation keeps retrying transient failures (IGSCALE_STORAGE_RETRY_S, default 600)."""
-    raw = os.environ.get("IGSCALE_STORAGE_RETRY_S", "600")
-    try:
-        v = float(raw)
-    except ValueError:
-        raise StorageError(f"IGSCALE_STORAGE_RETRY_S={raw!r} is not a number of seconds") from None
-    if not v >= 0:
-        raise StorageError(f"IGSCALE_STORAGE_RETRY_S must be >= 0, got {raw!r}")
-    return v
-
-
-def request_timeout_s() -> float:
-    """Socket timeout of one S3 request (IGSCALE_STORAGE_TIMEOUT_S, default 20): a stalled server is retried after
-    this long instead of hanging."""
-    raw = os.environ.get("IGSCALE_STORAGE_TIMEOUT_S", "20")
-    try:
-        v = float(raw)
-    except ValueError:
-        raise StorageError(f"IGSCALE_STORAGE_TIMEOUT_S={raw!r} is not a number of seconds") from None
-    if not v > 0:
-        raise StorageError(f"IGSCALE_STORAGE_TIMEOUT_S must be > 0, got {raw!r}")
-    return v
-
-
-def _warn(msg: str) -> None:
-    print(f"[igscale storage] {msg}", file=sys.stderr, flush=True)
-
-
-def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def _cached_client(endpoint_url: str | None, request_attempts: int) -> Any:
@@ -337,7 +84,7 @@ class S3Storage(Storage):
         return self._client
 
     def _key(self, key: str) -> str:
-        return _join(self.prefix, key)
+        return join_key(self.prefix, key)
 
     def url(self, key: str = "") -> str:
         k = self._key(key)
@@ -431,7 +178,7 @@ class S3Storage(Storage):
     def get_file(self, key: str, local_path: str | os.PathLike) -> None:
         dst = Path(local_path).absolute()
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_file(dst)
+        fd, tmp = temp_file_beside(dst)
         os.close(fd)
         try:
             self._retry(lambda: self.client.download_file(self.bucket, self._key(key), tmp,
@@ -468,7 +215,7 @@ class S3Storage(Storage):
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._key("")
-        full = _join(base, prefix) if prefix else (base + "/" if base else "")
+        full = join_key(base, prefix) if prefix else (base + "/" if base else "")
         if prefix.endswith("/"):
             full += "/"
 
@@ -542,25 +289,3 @@ class _S3RangeResumingReader(io.RawIOBase):
             self.body = None
         super().close()
 
-
-# ----------------------------------------------------------------------------------------------------------
-def open_storage(url: str | os.PathLike, *, endpoint_url: str | None = None) -> Storage:
-    """`s3://bucket/prefix` -> S3Storage; `file:///path` or a plain path -> LocalStorage."""
-    url = os.fspath(url)
-    if is_s3_url(url):
-        bucket, _, prefix = url[len("s3://"):].partition("/")
-        return S3Storage(bucket, prefix, endpoint_url=endpoint_url)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    elif "://" in url:
-        raise StorageError(f"unsupported storage URL scheme in {url!r} (use s3://bucket/prefix or a local path)")
-    return LocalStorage(url)
-
-
-def split_url(url: str, *, endpoint_url: str | None = None) -> tuple[Storage, str]:
-    """Split an object URL into (storage of its parent folder, basename key)."""
-    url = os.fspath(url)
-    head, _, name = url.rstrip("/").rpartition("/")
-    if not name or (is_s3_url(url) and head == "s3:/"):
-        raise StorageError(f"{url!r} does not name an object")
-    return open_storage(head or ".", endpoint_url=endpoint_url), name
