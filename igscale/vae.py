@@ -9,7 +9,7 @@ Accepted weight layouts (never a hub download):
 
 Latent conventions: `encode` returns the raw posterior (mean, std). `LatentNorm` maps raw latents to what the
 diffusion model sees (SiT: z * 0.18215; LightningDiT: (z - mean_c) / std_c * multiplier) and back.
-`decode_to_uint8` applies the per-codebase pixel quantisation (both truncate, see notes 9.16).
+`decode_to_uint8` applies the per-codebase pixel quantisation (both official codebases truncate, never round).
 """
 from __future__ import annotations
 

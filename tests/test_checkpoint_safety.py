@@ -90,14 +90,14 @@ class _Payload:
 
 
 def test_planted_pickle_in_ema_or_trainer_state_does_not_run(tmp_path, monkeypatch):
-    from igscale.cli.export import _assemble
+    from igscale.checkpoint.layout import consolidate_ema
 
     flag = tmp_path / "pwned"
     monkeypatch.setenv("IGSCALE_TEST_PWNED", str(flag))
     planted = tmp_path / "ema_rank00000.pt"
     torch.save({"ema": _Payload()}, planted)
     with pytest.raises(pickle.UnpicklingError):
-        _assemble([str(planted)])
+        consolidate_ema(str(tmp_path))
     assert not flag.exists()
     # every torch.load of stored state in the package refuses pickled code
     unsafe = [str(p.relative_to(ROOT)) for d in ("igscale", "data_pipeline") for p in (ROOT / d).rglob("*.py")

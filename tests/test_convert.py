@@ -13,7 +13,7 @@ TINY = dict(input_size=8, hidden_size=64, depth=3, num_heads=2, num_classes=10, 
 
 
 def official_sit_keys(D, depth, p, C, classes, grid):
-    """Key -> shape of the official SiT+IG state dict (sit.py), from the notes' description, not from igscale."""
+    """Key -> shape of the official SiT+IG state dict (sit.py), from the official code's description, not igscale."""
     k = {
         "pos_embed": (1, grid * grid, D),
         "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),

@@ -16,7 +16,7 @@ from igscale.training.rng import DROP, NOISE, stream_generator, stream_seed
 
 # -- Muon ------------------------------------------------------------------------------------------------------
 def _ref_muon_step(p, g, m, lr, wd, beta=0.95):
-    """Independent float64 restatement of notes §3 (no bf16), for one 2-D parameter."""
+    """Independent float64 restatement of the official MuonWithAuxAdam update (no bf16), for one 2-D parameter."""
     m = m + (1 - beta) * (g - m)
     u = g + beta * (m - g)
     x = u / (u.norm() + 1e-7)
@@ -65,7 +65,7 @@ def test_muon_decay_uses_unadjusted_lr_and_skips_frozen():
     frozen = torch.nn.Parameter(torch.ones(1, 4, 4), requires_grad=False)
     groups = muon_param_groups([("w", w), ("pos", frozen)], muon_lr=0.1, muon_wd=0.5, momentum=0.95, ns_steps=5,
                                adam_lr=1e-3, betas=(0.9, 0.95), eps=1e-8, adam_wd=0.0)
-    assert [len(g["params"]) for g in groups] == [1]  # frozen pos_embed is not optimised (notes §9.7)
+    assert [len(g["params"]) for g in groups] == [1]  # frozen pos_embed is not optimised (upstream decays it)
     MuonWithAdam(groups).step()  # no grad -> zero update, decay only: 1 - 0.1 * 0.5
     torch.testing.assert_close(w.detach(), torch.full((8, 4), 0.95))
 

@@ -1,38 +1,21 @@
 """`igscale export --checkpoint URL [--tag step_...] --out DIR_OR_URL`: EMA weights of a checkpoint -> inference export.
 
-Reads only the EMA files and model_config.json of the checkpoint (no DeepSpeed, no optimizer state), reassembles
-ZeRO-3 EMA shards, and writes `model.safetensors` + `model_config.json` with igscale.eval.export_io.save_export.
+Reads only the EMA and model config of the checkpoint through igscale.checkpoint.layout (no DeepSpeed, no optimizer
+state), consolidates sharded EMA slices, and writes `model.safetensors` + `model_config.json`
+(igscale.eval.export_io.save_export).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
-
-import torch
 
 __all__ = ["main", "ema_state_dict_from_checkpoint"]
 
 
-def _assemble(files: list[str]) -> dict[str, torch.Tensor]:
-    """EMA tensors by name from ema_rank*.pt files: one full copy, or one flat slice per rank (ZeRO sharding)."""
-    from igscale.distributed.engine import assemble_flat
-
-    parts = [torch.load(f, weights_only=True) for f in sorted(files)]
-    first = parts[0]
-    if first["sharded"] and len(parts) != first["world_size"]:
-        raise ValueError(f"sharded EMA needs {first['world_size']} rank files, found {len(parts)}")
-    out = {}
-    for name, (_, shape, numel) in first["layout"].items():
-        pieces = [(p["layout"][name][0], p["ema"]["shadow"][name]) for p in parts]
-        out[name] = assemble_flat(pieces, shape, numel)
-    return out
-
-
 def ema_state_dict_from_checkpoint(ckpt_url: str, tag: str | None = None, endpoint_url: str | None = None):
     """(model_config dict, full EMA model state dict) for checkpoint `tag` (default: latest)."""
+    from igscale.checkpoint.layout import read_export_inputs
     from igscale.checkpoint.store import Checkpointer
     from igscale.models import build_model_from_config
 
@@ -41,11 +24,7 @@ def ema_state_dict_from_checkpoint(ckpt_url: str, tag: str | None = None, endpoi
         tag = tag or ck.latest_tag()
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint under {ckpt_url}")
-        d = ck.download(tag, tmp, only=lambda rel: rel.startswith("ema_rank") or rel == "model_config.json")
-        with open(os.path.join(d, tag, "model_config.json")) as f:
-            model_config = json.load(f)
-        ema = _assemble([os.path.join(d, tag, n) for n in os.listdir(os.path.join(d, tag))
-                         if n.startswith("ema_rank")])
+        model_config, ema = read_export_inputs(ck, tag, tmp)
     model = build_model_from_config(model_config)
     sd = model.state_dict()  # frozen tensors (sin-cos pos_embed) are not in the EMA; they come from the model
     missing = set(ema) - set(sd)

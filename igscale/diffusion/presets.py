@@ -1,13 +1,13 @@
 """Sampler presets behind the published IG numbers, converted into igscale's time convention (t=1 noise).
 
-Conversions (ig_official_code_notes.md §5):
+Conversions from the official samplers' settings:
 - SiT (already t=1 noise): SDE, 250 NFE on linspace(1, 0.04, 250) + deterministic step to 0; CFG for t ∈ [0, 0.7].
 - LightningDiT (t=0 noise): heun2 over a 125-point grid (124 steps, 248 NFE) warped by shift 0.3 in their direction,
   which is shift 1/0.3 here; CFG off where their shifted t < 0.19, i.e. on for igscale t ≤ 0.81.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.diffusion.samplers import SamplerConfig
@@ -22,7 +22,6 @@ class Preset:
     vae: str
     quantization: str
     labels: str = "random"
-    extra: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {

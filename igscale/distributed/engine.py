@@ -195,9 +195,6 @@ class DeepSpeedEngine:
         optimizer.found_inf = bad.to(dev, torch.float32, non_blocking=True).reshape(())
         optimizer.grad_scale = None
 
-    def is_boundary(self) -> bool:
-        return self.ds.is_gradient_accumulation_boundary()
-
     def set_lr_factor(self, factor: float) -> None:
         for g in self.ds.optimizer.param_groups:
             g["lr"] = g.get("base_lr", g["lr"]) * factor

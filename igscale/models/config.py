@@ -1,7 +1,7 @@
 """ModelConfig: every architectural knob of the DiT/SiT and LightningDiT backbones with the IG heads."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -34,7 +34,6 @@ class ModelConfig:
     attn_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     decoder_hidden_size: int | None = None
     """Official SiT argument; only accepted when equal to hidden_size (the official SiT-S crashes when it is not)."""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.ig_layers = tuple(self.ig_layers)

@@ -1,6 +1,6 @@
 """Load the official SiT+IG and LightningDiT+IG checkpoints into IGDiT, and export inference weights.
 
-Official layouts (ig_official_code_notes.md §1, §3, §9.10):
+Official checkpoint layouts:
 - SiT: `{"model", "ema", "opt", "args", ...}`; IG head under `final_layer_xr.*`; t=1 is noise (igscale's convention).
 - LightningDiT: `{"model", "ema", "opt", "config"}`, `model` keys may carry one or more `module.` prefixes (double DDP
   wrapping); RoPE tables stored as `feat_rope.freqs_cos/freqs_sin` buffers; t=0 is noise, so the model is built with

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from igscale.checkpoint import layout
 from igscale.config.schema import RunConfig
 from igscale.core.typed import ConfigError, to_dict
 from igscale.training.ema import EMA
@@ -78,20 +79,15 @@ class Trainer:
 
     def _write(self, staging: str, tag: str) -> None:
         self.engine.save(staging, tag)
-        d = os.path.join(staging, tag)
-        os.makedirs(d, exist_ok=True)
         loader_state = self._loader_state if self._loader_state is not None else self.loader.state_dict()
-        torch.save({"state": self.state.state_dict(), "loader": loader_state,
-                    "torch_rng": torch.get_rng_state()}, os.path.join(d, f"trainer_rank{self.rank:05d}.pt"))
-        if self._ema_owner():
-            torch.save({"ema": self.ema.state_dict(), "layout": self.engine.view_layout(),
-                        "sharded": self.engine.sharded_views, "world_size": self.world_size},
-                       os.path.join(d, f"ema_rank{self.rank:05d}.pt"))
-        if self.rank == 0:
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump(to_dict(self.cfg), f, indent=1)
-            with open(os.path.join(d, "model_config.json"), "w") as f:
-                json.dump(to_dict(self.engine.module.config), f, indent=1)
+        owner, main = self._ema_owner(), self.rank == 0
+        layout.write_rank_files(
+            os.path.join(staging, tag), self.rank,
+            trainer={"state": self.state.state_dict(), "loader": loader_state, "torch_rng": torch.get_rng_state()},
+            ema=self.ema.state_dict() if owner else None, ema_layout=self.engine.view_layout() if owner else None,
+            ema_sharded=self.engine.sharded_views, world_size=self.world_size,
+            config=to_dict(self.cfg) if main else None,
+            model_config=to_dict(self.engine.module.config) if main else None)
 
     def save(self) -> str:
         t0 = time.time()
@@ -107,22 +103,19 @@ class Trainer:
         d = os.path.join(local, tag)
         self._check_config(d, tag)
         self.engine.load(local, tag)
-        tr = torch.load(os.path.join(d, f"trainer_rank{self.rank:05d}.pt"), weights_only=True)
+        tr = layout.read_trainer(d, self.rank)
         self.state.load_state_dict(tr["state"])
         self.loader.load_state_dict(tr["loader"])
         torch.set_rng_state(tr["torch_rng"])
-        ema_rank = self.rank if self.engine.sharded_views else 0
-        self.ema.load_state_dict(torch.load(os.path.join(d, f"ema_rank{ema_rank:05d}.pt"), weights_only=True)["ema"])
+        self.ema.load_state_dict(layout.read_ema(d, self.rank, self.engine.sharded_views))
         self.log(f"resumed from {self.ckpt.url}/{tag} at step {self.state.step} ({self.state.nimg} images)")
         return True
 
     def _check_config(self, d: str, tag: str) -> None:
         """Refuse to resume into a different experiment (model, loss, data order), unless explicitly allowed."""
-        path = os.path.join(d, "config.json")
-        if not os.path.exists(path):
+        saved = layout.read_config(d)
+        if saved is None:
             return
-        with open(path) as f:
-            saved = json.load(f)
         changes = frozen_changes(saved, to_dict(self.cfg))
         if not changes:
             return

@@ -1,7 +1,7 @@
 """Muon (momentum + Newton-Schulz orthogonalisation) for >=2-D weights, with Adam for everything else.
 
-Written from the description of the official LightningDiT+IG optimizer (ig_official_code_notes.md §3,
-"MuonWithAuxAdam"), including its stacked LR scaling (§9.8):
+The update of the official LightningDiT+IG optimizer ("MuonWithAuxAdam"), including its stacked LR scaling
+(steps 4 and 5 both scale by the shape):
   1. G: grad flattened to 2-D, rows = dim 0.   2. m <- lerp(m, G, 1-beta); U = lerp(G, m, beta) (Nesterov).
   3. U <- NS5(U / (||U||_F + 1e-7)) with (a, b, c) = (3.4445, -4.7750, 2.0315), in bf16, on the wide orientation.
   4. U <- U * sqrt(max(1, rows/cols)).        5. step = lr * 0.2 * sqrt(max(shape[0], shape[1])).
@@ -42,7 +42,7 @@ def muon_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], *,
     """Trainable params with ndim >= 2 -> Muon group; the rest (biases, norm weights) -> Adam group.
 
     Frozen parameters (e.g. the sin-cos pos_embed) are left out on purpose: upstream puts pos_embed in the Muon
-    group, where weight decay slowly erases it (notes §9.7).
+    group, where weight decay slowly erases it.
     """
     muon, adam = [], []
     for _, p in named_params:

@@ -11,7 +11,7 @@ The host reads the flags later from a pinned copy (`StepHandle.result()`), norma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,6 @@ class StepResult:
     stop_requested: bool = False
     """Some rank received a preemption signal (all ranks see the same value)."""
     grad_norm: float = float("nan")
-    extra: dict = field(default_factory=dict)
 
 
 def draw_step_randomness(cfg: RunConfig, *, rank: int, step: int, micro: int, shape: tuple[int, ...]):
