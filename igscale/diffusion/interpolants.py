@@ -12,6 +12,8 @@ import math
 
 import torch
 
+__all__ = ["Interpolant", "LinearInterpolant", "CosineInterpolant", "INTERPOLANTS", "get_interpolant"]
+
 
 def _bc(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar or (B,) time over x (B, ...)."""

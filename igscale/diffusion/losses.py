@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from igscale.diffusion.interpolants import get_interpolant
 
+__all__ = ["channel_cosine_loss", "ig_loss"]
+
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)

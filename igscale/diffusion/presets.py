@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from igscale.diffusion.guidance import GuidanceConfig
 from igscale.diffusion.samplers import SamplerConfig
 
+__all__ = ["Preset", "PRESETS", "preset_names", "get_preset"]
+
 
 @dataclass(frozen=True)
 class Preset:

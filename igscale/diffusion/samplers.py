@@ -17,6 +17,8 @@ from igscale.diffusion.interpolants import get_interpolant
 from igscale.diffusion.noise import PerSampleNoise
 from igscale.diffusion.timesteps import shift_time
 
+__all__ = ["SDE_STREAM", "SamplerConfig", "integrate", "sample"]
+
 SDE_STREAM = 7  # per-sample stream id of the SDE increments (0 = initial noise, 1 = labels)
 
 

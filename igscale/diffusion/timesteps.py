@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["T_KINDS", "shift_time", "sample_t"]
+
 T_KINDS = ("uniform", "logit_normal")
 
 

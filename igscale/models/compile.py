@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from igscale.models.dit import IGDiT
 
+__all__ = ["COMPILE_MODES", "resolve_compile_mode", "apply_compile", "compile_blocks"]
+
 COMPILE_MODES = ("auto", "blocks", "full", "none")
 
 

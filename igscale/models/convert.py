@@ -19,6 +19,10 @@ from igscale.core.typed import to_dict
 from igscale.models.dit import IGDiT
 from igscale.models.registry import build_model_from_config, model_config
 
+__all__ = ["KINDS", "CheckpointMismatchError", "select_weights", "convert_official_state_dict",
+           "load_state_dict_strict", "load_official_checkpoint", "EXPORT_WEIGHTS", "EXPORT_CONFIG",
+           "save_inference_export", "load_inference_export"]
+
 KINDS = ("sit", "lightningdit")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 # Official key prefix -> igscale key prefix

@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from igscale.models.config import ModelConfig
 from igscale.models.layers import Block, LabelEmbedder, OutputHead, PatchEmbed, Rope2D, TimestepEmbedder, sincos_2d
 
+__all__ = ["IGDiT"]
+
 
 class IGDiT(nn.Module):
     def __init__(self, config: ModelConfig):

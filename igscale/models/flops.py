@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from igscale.models.config import ModelConfig
 
+__all__ = ["forward_macs", "forward_flops_per_image", "train_flops_per_image"]
+
 
 def forward_macs(cfg: ModelConfig, include_ig_heads: bool = True) -> int:
     """Multiply-accumulates of one forward pass for one image (matmuls and attention; elementwise ops ignored)."""

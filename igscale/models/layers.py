@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from igscale.ops.attention import attention
 from igscale.ops.linear import Linear, linear
 
+__all__ = ["modulate", "sincos_1d", "sincos_2d", "Rope2D", "rotate_half", "apply_rope", "PatchEmbed",
+           "TimestepEmbedder", "LabelEmbedder", "RMSNorm", "make_norm", "Mlp", "SwiGLU", "Attention", "Block",
+           "OutputHead"]
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x·(1+scale)+shift; x (B, T, D), shift/scale (B, D)."""

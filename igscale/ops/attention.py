@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["flash_available", "attention_kind", "attention", "reference_attention"]
+
 try:  # optional GPU extra; never required
     from flash_attn import flash_attn_func as _flash_attn_func
 except Exception:  # ImportError, or a CUDA/ABI mismatch raised at import time

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["batch_invariant_enabled", "batch_invariant", "linear", "Linear"]
+
 _state = threading.local()
 
 

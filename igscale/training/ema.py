@@ -1,9 +1,10 @@
 """Exponential moving average of the weights, kept in fp32 and ZeRO-stage agnostic.
 
-The EMA never sees DeepSpeed: it is handed `views`, a list of (name, tensor) pairs with the rank's own view of each
-parameter. For ZeRO 0-2 that is the full parameter (every rank holds an identical full EMA); under ZeRO-3 it is the
-rank's local partition (`param.ds_tensor`), so the EMA is sharded exactly like the weights and its update needs no
-communication. `full_state_dict` takes a `gather(name, shard) -> full tensor` callable to assemble the full EMA.
+The EMA never sees DeepSpeed: it is handed `views`, a list of (name, tensor) pairs with the rank's own fp32 view of
+each parameter (`DeepSpeedEngine.param_views`). Where the engine shards its fp32 master weights (ZeRO-3's partition,
+ZeRO-1/2's fragments) the view is the rank's slice, so the EMA is sharded exactly like them and its update needs no
+communication; otherwise it is the full parameter and every rank holds an identical full EMA. `full_state_dict`
+takes a `gather(name, shard) -> full tensor` callable to assemble the full EMA.
 The update is one foreach lerp over all tensors (a few fused kernels instead of one launch per parameter); the
 per-tensor loop stays as `foreach=False`, the structure of the official trainers, for benchmarks and tests.
 """
