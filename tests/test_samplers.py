@@ -126,3 +126,62 @@ def test_presets_in_igscale_convention():
     assert set(PRESETS) == {"sit-xl2-ig-cfg-fid1.46", "lightningdit-xl1-ig-cfg-fid1.19", "lightningdit-xl1-ig-fid1.34"}
     with pytest.raises(ValueError, match="unknown sampler preset"):
         get_preset("nope")
+
+
+class _ConstantHeads:
+    """D_f, D_i constant in x and t, chosen per row by conditional (label 0) vs null label: every guided velocity is a
+    small exact binary fraction, so a two-step Heun can be computed by hand."""
+
+    def __init__(self, f_c, i_c, f_u, i_u, null_class=1):
+        self.v, self.null = (f_c, i_c, f_u, i_u), null_class
+
+    def __call__(self, x, t, y):
+        f_c, i_c, f_u, i_u = self.v
+        null = (y == self.null).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        d_f = torch.ones_like(x) * (f_c + (f_u - f_c) * null)
+        d_i = torch.ones_like(x) * (i_c + (i_u - i_c) * null)
+        return d_f, d_i
+
+
+@pytest.mark.parametrize("rule, expected", [("step_start", 0.0), ("eval_time", 0.5)])
+def test_cfg_interval_rule_two_step_heun_by_hand(rule, expected):
+    # Grid 1 -> 0.5 -> 0 (dt = -0.5, Heun: z += dt/2·(k1 + k2)), CFG 2 on t <= 0.6, F_c = 1, F_u = 3: the guided v is
+    # 3 + 2·(1 - 3) = -1 where CFG is on and 1 where it is off. Step 1 starts at t=1 (off); its second stage
+    # evaluates at t=0.5 (inside). Step 2 is inside for both rules: k = (-1, -1), +0.5.
+    #   step_start: step 1 k = (1, 1)  -> -0.5;  then +0.5 -> 0.0
+    #   eval_time:  step 1 k = (1, -1) ->  0.0;  then +0.5 -> 0.5
+    model = _ConstantHeads(f_c=1.0, i_c=1.0, f_u=3.0, i_u=3.0)
+    g = GuidanceConfig(w_cfg=2.0, cfg_interval=(0.0, 0.6), interval_at=rule)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    out = sample(model, x, torch.zeros(2, dtype=torch.long), SamplerConfig(method="heun", num_steps=2), g, null_class=1)
+    assert torch.equal(out, torch.full_like(x, expected))
+
+
+@pytest.mark.parametrize("rule, expected", [("step_start", -1.5), ("eval_time", -1.75)])
+def test_ig_interval_rule_two_step_heun_by_hand(rule, expected):
+    # IG 2 on t <= 0.6 with D_f = 1, D_i = 0: v = 1 + (2-1)·(1-0) = 2 inside, 1 outside. dt = -0.5 on both steps.
+    #   step_start: step 1 k = (1, 1) -> -0.5;  step 2 k = (2, 2) -> -1.0;  total -1.5
+    #   eval_time:  step 1 k = (1, 2) -> -0.75; step 2 k = (2, 2) -> -1.0;  total -1.75
+    model = _ConstantHeads(f_c=1.0, i_c=0.0, f_u=1.0, i_u=0.0)
+    g = GuidanceConfig(w_ig=2.0, ig_interval=(0.0, 0.6), interval_at=rule)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    out = sample(model, x, torch.zeros(2, dtype=torch.long), SamplerConfig(method="heun", num_steps=2), g, null_class=1)
+    assert torch.equal(out, torch.full_like(x, expected))
+
+
+def test_interval_rules_agree_for_one_evaluation_per_step():
+    model = _ConstantHeads(f_c=1.0, i_c=0.5, f_u=3.0, i_u=2.0)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    y = torch.zeros(2, dtype=torch.long)
+    outs = [sample(model, x, y, SamplerConfig(method=m, num_steps=7), GuidanceConfig(
+        w_cfg=1.5, cfg_interval=(0.0, 0.6), w_ig=1.25, ig_interval=(0.3, 1.0), interval_at=rule), null_class=1, seeds=[0, 1])
+        for m in ("euler", "sde") for rule in ("step_start", "eval_time")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+    with pytest.raises(ValueError, match="interval_at"):
+        GuidanceConfig(interval_at="midpoint")
+
+
+def test_presets_use_their_family_interval_rule():
+    assert PRESETS["sit-xl2-ig-cfg-fid1.46"].guidance.interval_at == "step_start"
+    assert all(PRESETS[n].guidance.interval_at == "eval_time"
+               for n in ("lightningdit-xl1-ig-cfg-fid1.19", "lightningdit-xl1-ig-fid1.34"))

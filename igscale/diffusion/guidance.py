@@ -4,17 +4,28 @@ With I = D_i and F = D_f from one forward pass (conditional c, unconditional u):
     G_c = I_c + w_ig·(F_c − I_c),  G_u = I_u + w_ig·(F_u − I_u),  v = G_u + w_cfg·(G_c − G_u)
 inside the CFG interval, v = G_c outside it (the official order: IG on both branches, then CFG). A scale of 1 switches a
 guidance off. The unconditional branch is evaluated only where CFG is active (the official code always doubles the batch).
-Intervals are closed [lo, hi] in igscale time (t=1 noise) and are checked at the time the model is evaluated.
+Intervals are closed [lo, hi] in igscale time (t=1 noise). Which time is checked is explicit (`interval_at`):
+  eval_time   the time of each model evaluation (official LightningDiT: its Heun's second stage checks t_{n+1});
+  step_start  the start time of the step, for every evaluation of that step (official SiT samplers).
+The rules differ only for multi-stage steps (Heun) whose stages straddle an interval edge.
+Where igscale is more general than the official code: a scale below 1 is applied (the official SiT sampler switches a
+guidance on only for a scale above 1, so any scale <= 1 means off there); both intervals can be set for both families
+(official LightningDiT has a CFG start only and a fixed IG interval); the unconditional rows are evaluated only where
+CFG is active (official LightningDiT evaluates them at every step), which does not change the result.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-__all__ = ["GuidanceConfig", "internal_guidance", "classifier_free_guidance", "GuidedVelocity"]
+__all__ = ["INTERVAL_RULES", "GuidanceConfig", "internal_guidance", "classifier_free_guidance", "GuidedVelocity"]
+
+
+INTERVAL_RULES = ("eval_time", "step_start")
 
 
 @dataclass
@@ -23,10 +34,14 @@ class GuidanceConfig:
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     w_ig: float = 1.0
     ig_interval: tuple[float, float] = (0.0, 1.0)
+    interval_at: Literal["eval_time", "step_start"] = "eval_time"
+    """Which time the intervals are checked at: each evaluation's, or the step's start (see the module doc)."""
 
     def __post_init__(self):
         if not (math.isfinite(self.w_cfg) and math.isfinite(self.w_ig)):  # NaN would give black images, exit 0
             raise ValueError(f"guidance weights must be finite, got w_cfg={self.w_cfg}, w_ig={self.w_ig}")
+        if self.interval_at not in INTERVAL_RULES:
+            raise ValueError(f"interval_at must be one of {INTERVAL_RULES}, got {self.interval_at!r}")
         self.cfg_interval = tuple(float(v) for v in self.cfg_interval)
         self.ig_interval = tuple(float(v) for v in self.ig_interval)
         for name in ("cfg_interval", "ig_interval"):
@@ -55,7 +70,8 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, w_cfg: fl
 
 
 class GuidedVelocity:
-    """v(x, t) for a whole batch at one time t, from a model_fn(x, t_vec, y) -> (D_f, D_i).
+    """v(x, t, t_step) for a whole batch at one time t of the step starting at t_step (default t), from a
+    model_fn(x, t_vec, y) -> (D_f, D_i).
 
     Counts model rows evaluated (`rows`) and forward calls (`calls`) so benchmarks can report NFE cost.
     """
@@ -66,9 +82,10 @@ class GuidedVelocity:
         self.rows = 0
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, t_step: float | None = None) -> torch.Tensor:
         B = x.shape[0]
-        cfg = self.g.cfg_on(t)
+        t_rule = t_step if self.g.interval_at == "step_start" and t_step is not None else t
+        cfg = self.g.cfg_on(t_rule)
         if cfg:
             xin, yin = torch.cat([x, x]), torch.cat([self.y, self.y_null])  # (2B, ...)
         else:
@@ -77,7 +94,7 @@ class GuidedVelocity:
         d_f, d_i = self.model_fn(xin, tin, yin)[:2]
         self.rows += xin.shape[0]
         self.calls += 1
-        out = internal_guidance(d_f, d_i, self.g.w_ig) if self.g.ig_on(t) else d_f
+        out = internal_guidance(d_f, d_i, self.g.w_ig) if self.g.ig_on(t_rule) else d_f
         if cfg:
             cond, uncond = out[:B], out[B:]
             return classifier_free_guidance(cond, uncond, self.g.w_cfg)

@@ -64,14 +64,15 @@ class SamplerConfig:
 
 @torch.no_grad()
 def integrate(
-    velocity: Callable[[torch.Tensor, float], torch.Tensor],
+    velocity: Callable[[torch.Tensor, float, float], torch.Tensor],
     x: torch.Tensor,
     sampler: SamplerConfig,
     *,
     seeds: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Integrate x from t=1 to t=0 under velocity(x, t). x (B, ...) in float; returns the same dtype.
+    """Integrate x from t=1 to t=0 under velocity(x, t, t_step), t_step being the start time of the step that
+    evaluates at t (guidance intervals may be decided there). x (B, ...) in float; returns the same dtype.
 
     seeds: per-sample seeds for SDE increments (required for batch-independent SDE samples; without them the
     global torch RNG is used).
@@ -81,8 +82,8 @@ def integrate(
     z = x.to(state_dtype)
     ts = sampler.time_grid().tolist()
 
-    def v(z_: torch.Tensor, t: float) -> torch.Tensor:
-        return velocity(z_.to(model_dtype), t).to(state_dtype)
+    def v(z_: torch.Tensor, t: float, t_step: float) -> torch.Tensor:
+        return velocity(z_.to(model_dtype), t, t_step).to(state_dtype)
 
     n = len(ts) - 1
     if sampler.method == "sde":
@@ -91,7 +92,7 @@ def integrate(
         for i in range(n):
             t_cur, t_next = ts[i], ts[i + 1]
             dt = t_next - t_cur  # < 0
-            vel = v(z, t_cur)
+            vel = v(z, t_cur, t_cur)
             # reverse SDE with diffusion g² = 2t (the official SiT choice): drift = v - ½ g² ∇log p_t
             g2 = 2.0 * t_cur
             drift = vel - 0.5 * g2 * interp.score_from_v(z, vel, t_cur)
@@ -105,11 +106,11 @@ def integrate(
         for i in range(n):
             t_cur, t_next = ts[i], ts[i + 1]
             dt = t_next - t_cur
-            k1 = v(z, t_cur)
+            k1 = v(z, t_cur, t_cur)
             if sampler.method == "euler" or (sampler.heun_final_euler and i == n - 1):
                 z = z + dt * k1
             else:
-                k2 = v(z + dt * k1, t_next)
+                k2 = v(z + dt * k1, t_next, t_cur)
                 z = z + 0.5 * dt * (k1 + k2)
             if progress:
                 progress(i)
