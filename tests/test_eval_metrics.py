@@ -174,3 +174,31 @@ def test_precision_recall_matches_bruteforce_and_blocking():
     assert precision_recall(ref, smp, block=17) == pytest.approx(want)
     with pytest.raises(ValueError, match="more than 3 points"):
         manifold_radii(np.zeros((3, 2)))
+
+
+def test_float16_distances_follow_float16_rounding_within_its_error_bound():
+    import torch
+
+    from igscale.eval.metrics import _sqdist
+
+    g = np.random.default_rng(0)
+    a = np.abs(g.normal(0.4, 0.5, (64, 256))).astype(np.float32)  # post-ReLU-like features, |x|^2 ~ 100
+    b = np.abs(g.normal(0.4, 0.5, (48, 256))).astype(np.float32)
+    exact = ((a.astype(np.float64)[:, None, :] - b.astype(np.float64)[None]) ** 2).sum(-1)
+    d16 = _sqdist(torch.from_numpy(a), torch.from_numpy(b), "float16").double().numpy()
+    d32 = _sqdist(torch.from_numpy(a), torch.from_numpy(b), "float32").double().numpy()
+    # float16 inputs (rel. 2^-11 each) and ~4 rounded float16 ops on terms of size |a|^2 + 2|a.b| + |b|^2:
+    scale = (a**2).sum(1)[:, None] + 2 * np.abs(a @ b.T) + (b**2).sum(1)[None]
+    assert np.all(np.abs(d16 - exact) <= 8 * 2.0**-11 * scale)
+    assert np.all(np.abs(d32 - exact) <= 8 * 2.0**-24 * scale * 256)  # float32 stays far tighter
+    assert np.abs(d16 - exact).max() > 10 * np.abs(d32 - exact).max()  # the float16 path really rounds
+
+
+def test_float16_distances_fall_back_to_float32_on_overflow_and_agree_when_exact():
+    big = np.array([[300.0, 0.0], [0.0, 300.0], [1.0, 1.0], [2.0, 2.0], [300.0, 300.0]], np.float32)  # |x|^2 > 65504
+    assert precision_recall(big, big[::-1].copy(), dtype="float16") == precision_recall(big, big[::-1].copy())
+    small = np.array([[0, 0], [1, 0], [0, 2], [3, 1], [1, 1], [2, 3]], np.float32)  # every distance exact in fp16
+    other = np.array([[0, 1], [2, 0], [1, 3], [3, 3], [0, 4]], np.float32)
+    assert precision_recall(small, other, dtype="float16") == precision_recall(small, other)
+    with pytest.raises(ValueError, match="distance dtype"):
+        precision_recall(small, other, dtype="bfloat16")
