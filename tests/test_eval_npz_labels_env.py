@@ -56,6 +56,8 @@ def test_ref_npz_errors(tmp_path):
     np.savez(p, **{k: v for k, v in good.items() if k not in ("mu_s", "sigma_s")})
     with pytest.raises(NpzFormatError, match=r"missing key\(s\) \['mu_s', 'sigma_s'\]"):
         validate_ref_npz(p)
+    np.savez(p, arr_0=good["arr_0"])  # images only: accepted, the statistics are computed from arr_0
+    assert validate_ref_npz(p) is False and load_ref_stats(p) is None
     np.savez(p, **{**good, "sigma": np.eye(100)})
     with pytest.raises(NpzFormatError, match="sigma must be a float array of shape"):
         validate_ref_npz(p)

@@ -92,10 +92,12 @@ def extract_features(
 def evaluate_npz(
     sample_npz: str, ref_npz: str, inception: InceptionV3, env: DistEnv, *, batch_size: int = 64, device="cpu",
     log: Callable[[str], None] = print, ref_features: dict[str, np.ndarray] | None = None,
+    pr_distance_dtype: str = "float32",
 ) -> dict[str, float] | None:
     """ADM metrics of a sample batch against a reference batch. Returns the dict on rank 0, None elsewhere.
 
     ref_features: reuse features of the reference images (from `extract_features`) across several evaluations.
+    pr_distance_dtype: float32, or float16 as the ADM evaluator computes precision/recall distances.
     """
     validate_ref_npz(ref_npz)
     smp_shape = validate_sample_npz(sample_npz)
@@ -111,10 +113,13 @@ def evaluate_npz(
     if not env.is_main:
         return None
     st = load_ref_stats(ref_npz)
-    metrics = compute_all_metrics(
-        smp["pool"], smp["spatial"], smp["logits"], GaussianStats(st["mu"], st["sigma"]),
-        GaussianStats(st["mu_s"], st["sigma_s"]), ref["pool"],
-    )
+    if st is None:  # images only: the statistics of its own arr_0 features, as the ADM evaluator computes them
+        log(f"{ref_npz} stores no statistics: computing them from its {len(ref['pool'])} images")
+        pool, spatial = compute_stats(ref["pool"]), compute_stats(ref["spatial"])
+    else:
+        pool, spatial = GaussianStats(st["mu"], st["sigma"]), GaussianStats(st["mu_s"], st["sigma_s"])
+    metrics = compute_all_metrics(smp["pool"], smp["spatial"], smp["logits"], pool, spatial, ref["pool"],
+                                  pr_distance_dtype=pr_distance_dtype)
     log("Inception Score: {inception_score}\nFID: {fid}\nsFID: {sfid}\nPrecision: {precision}\nRecall: {recall}"
         .format(**metrics))
     return metrics

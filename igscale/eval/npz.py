@@ -17,7 +17,8 @@ __all__ = [
     "iter_batches", "write_npz_streaming", "load_ref_stats",
 ]
 
-REF_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+REF_KEYS = (*STAT_KEYS, "arr_0")
 POOL_DIM, SPATIAL_DIM = 2048, 2023
 
 
@@ -70,8 +71,10 @@ def validate_sample_npz(path: str) -> tuple[int, ...]:
     return shape
 
 
-def validate_ref_npz(path: str) -> None:
-    """Check a reference batch has every ADM key with the right shapes (2048-d pool, 2023-d spatial)."""
+def validate_ref_npz(path: str) -> bool:
+    """Check a reference batch: arr_0 images, plus either all four ADM statistics with the right shapes (2048-d pool,
+    2023-d spatial) or none of them. Returns whether the statistics are stored; without them the evaluator computes
+    them from arr_0's features, as the ADM evaluator does."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference batch not found: {path}")
     try:
@@ -79,6 +82,9 @@ def validate_ref_npz(path: str) -> None:
             names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
     except zipfile.BadZipFile as e:
         raise NpzFormatError(f"{path}: not an npz (zip) file") from e
+    if "arr_0" in names and not any(k in names for k in STAT_KEYS):
+        validate_images(*read_header(path, "arr_0"), path)
+        return False
     missing = [k for k in REF_KEYS if k not in names]
     if missing:
         raise NpzFormatError(
@@ -92,10 +98,13 @@ def validate_ref_npz(path: str) -> None:
         if got != shp or not np.issubdtype(dt, np.floating):
             raise NpzFormatError(f"{path}: {k} must be a float array of shape {shp}, got {dt} {got}")
     validate_images(*read_header(path, "arr_0"), path)
+    return True
 
 
-def load_ref_stats(path: str) -> dict[str, np.ndarray]:
-    validate_ref_npz(path)
+def load_ref_stats(path: str) -> dict[str, np.ndarray] | None:
+    """The stored ADM statistics as float64, or None for a reference batch that stores only images."""
+    if not validate_ref_npz(path):
+        return None
     with np.load(path) as z:
         return {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")}
 
