@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--sample-features", default=None)
     a = ap.parse_args()
     if a.ref_features:
-        sets = [(np.load(a.ref_features)["arr_0"].astype(np.float32), np.load(a.sample_features)["arr_0"].astype(np.float32))]
+        load = lambda path: np.load(path)["arr_0"].astype(np.float32)  # noqa: E731
+        sets = [(load(a.ref_features), load(a.sample_features))]
     else:
         sets = []
         for seed in range(a.seeds):

@@ -63,9 +63,10 @@ def run_config(model: str, batch: int, zero_stage: int, *, tiny: bool, ckpt: boo
     ov += [f"train.global_batch={batch}", f"engine.zero_stage={zero_stage}"]
     if base.optim.name == "muon" and zero_stage not in MUON_ZERO_STAGES:
         ov.append("optim.name=adamw")
-    if tiny:  # the config's own overrides (e.g. ig_head_init) stay; the size shrinks; compile runs on CPU too
-        small = {**base.model.overrides, **TINY, **TINY_EXTRA.get(model.split("-")[0], {})}
-        ov += ["model.overrides=" + json.dumps(small), "model.compile=blocks", "model.compile_backend=aot_eager"]
+    if tiny:  # the config's other model fields (e.g. ig_head_init) stay; the size shrinks; compile runs on CPU too
+        small = {**TINY, **TINY_EXTRA.get(model.split("-")[0], {})}
+        ov += [f"model.{k}={json.dumps(v)}" for k, v in small.items()]
+        ov += ["model.compile=blocks", "model.compile_backend=aot_eager"]
     if ckpt is not None:
         ov.append(f"model.activation_checkpointing={str(ckpt).lower()}")
     if backend:
@@ -78,7 +79,7 @@ def initial_state(cfg: RunConfig, std: float = 0.05) -> dict[str, torch.Tensor]:
     (zero-initialised gates and heads would hide most of the network from the agreement check); norms stay near 1.
     Values are rounded to bf16 so that DeepSpeed's bf16 weights and the reference's fp32 weights start out equal."""
     torch.manual_seed(cfg.train.seed)
-    m = build_model(cfg.model.name, **cfg.model.overrides)
+    m = build_model(cfg.model.name, **cfg.model.arch_overrides())
     g = torch.Generator().manual_seed(cfg.train.seed)
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -198,7 +199,7 @@ class ReferenceStep:
         self.cfg, self.device = cfg, device
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model.name, **{**cfg.model.overrides, "attn_backend": "sdpa"}).to(device)
+        self.model = build_model(cfg.model.name, **{**cfg.model.arch_overrides(), "attn_backend": "sdpa"}).to(device)
         if state is not None:
             self.model.load_state_dict(state)
         self.model.train().set_activation_checkpointing(cfg.model.activation_checkpointing)

@@ -28,29 +28,52 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 @dataclass
 class PrecomputeConfig:
-    input: str  # image tree (local path or s3://bucket/prefix), one folder per class
-    output: str  # dataset root (local path or s3://...): shards/ + manifest.json
+    """The precompute job: a flag per field (`--samples-per-shard 5`) or a key of the --config file."""
+
+    input: str
+    """Image tree (local path or s3://bucket/prefix), one folder per class."""
+    output: str
+    """Dataset root (local path or s3://...): shards/ + manifest.json."""
     vae_kind: Literal["sd-vae", "va-vae-f16d32"] = "sd-vae"
-    vae_weights: str | None = None  # local path or s3:// URL; None = random weights (benchmarks/tests only)
+    """sd-vae: f8, 4 channels (SiT); va-vae-f16d32: f16, 32 channels (LightningDiT)."""
+    vae_weights: str | None = None
+    """Local path or s3:// URL of the VAE weights; none: random weights (benchmarks/tests, needs
+    --allow-random-vae)."""
     resolution: int = 256
+    """Image side after the ADM centre crop (a multiple of 16)."""
     mode: Literal["mean_std", "sample_flip"] = "mean_std"
+    """mean_std: store the posterior mean and std (training draws samples); sample_flip: store one posterior sample
+    of the image and one of its mirror image."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the stored latents."""
     batch_size: int = 32
-    shard_size_mb: float = 1000.0  # target shard size; fixes samples_per_shard from the latent size
-    samples_per_shard: int | None = None  # explicit override
+    """Images per VAE forward, per worker."""
+    shard_size_mb: float = 1000.0
+    """Target shard size; fixes samples_per_shard from the latent size."""
+    samples_per_shard: int | None = None
+    """Explicit samples per shard (none: from shard_size_mb)."""
     on_corrupt: Literal["skip", "abort"] = "skip"
-    seed: int = 0  # posterior samples in sample_flip mode depend only on (seed, image index); shuffled plan
-    # "sorted": shard k = a contiguous range of the sorted list (class-ordered shards: ~23 ImageNet classes per 1 GB
-    # shard); "shuffled": the same ranges of a seeded permutation of it (class-mixed shards; the key of every
-    # sample is still its index in the sorted list)
+    """An image that fails to decode: skip it (listed in the manifest) or fail the job."""
+    seed: int = 0
+    """Posterior samples in sample_flip mode depend only on (seed, image index); also seeds the shuffled plan."""
     shard_order: Literal["sorted", "shuffled"] = "sorted"
-    max_workers: int | None = None  # concurrent shard tasks (default: one per GPU, else per cpus_per_worker)
+    """sorted: shard k is a contiguous range of the sorted image list (class-ordered shards: ~23 ImageNet classes
+    per 1 GB shard); shuffled: the same ranges of a seeded permutation of it (class-mixed shards; the key of every
+    sample is still its index in the sorted list)."""
+    max_workers: int | None = None
+    """Concurrent shard tasks (none: one per GPU, else one per cpus_per_worker CPUs)."""
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    max_retries: int = 3  # Ray retries of a shard task whose worker died
-    decode_threads: int = 4  # image decode/crop threads per worker, overlapped with encoding
+    """CPUs per shard task (also its torch threads)."""
+    gpus_per_worker: float | None = None
+    """GPUs per shard task (none: 1 if the cluster has GPUs, else 0)."""
+    max_retries: int = 3
+    """Ray retries of a shard task whose worker died."""
+    decode_threads: int = 4
+    """Image decode/crop threads per worker, overlapped with encoding."""
     endpoint_url: str | None = None
-    allow_random_vae: bool = False  # must be set to run with vae_weights=None
+    """S3 endpoint (none: AWS_ENDPOINT_URL / S3_ENDPOINT_URL from the environment)."""
+    allow_random_vae: bool = False
+    """Must be set to run with random VAE weights (no --vae-weights)."""
 
     def __post_init__(self):
         if self.mode not in MODES or self.dtype not in DTYPES:
@@ -62,6 +85,13 @@ class PrecomputeConfig:
             raise ConfigError(f"resolution: must be a multiple of 16, got {self.resolution}")
         if self.samples_per_shard is not None and self.samples_per_shard <= 0:
             raise ConfigError("samples_per_shard: must be positive")
+        if not self.shard_size_mb > 0 or not self.cpus_per_worker > 0:
+            raise ConfigError(f"shard_size_mb and cpus_per_worker: must be positive, got {self.shard_size_mb}, "
+                              f"{self.cpus_per_worker}")
+        if (self.max_workers is not None and self.max_workers < 1) or self.max_retries < 0 or self.seed < 0:
+            raise ConfigError("max_workers: must be >= 1; max_retries and seed: >= 0")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker: must be >= 0, got {self.gpus_per_worker}")
         if self.vae_weights is None and not self.allow_random_vae:
             raise ConfigError("vae_weights: required (set allow_random_vae to use random weights for testing)")
 

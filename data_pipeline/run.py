@@ -1,10 +1,11 @@
-"""Precompute VAE latents of an ImageNet-style tree into WebDataset shards + manifest.
+r"""Precompute VAE latents of an ImageNet-style tree into WebDataset shards + manifest.
 
     python -m data_pipeline.run --input s3://bkt/imagenet/train --output s3://bkt/latents/sd256 \
         --vae-kind sd-vae --vae-weights s3://bkt/weights/sd-vae-ft-ema --resolution 256 --mode mean_std
     ray job submit --address http://HEAD:8265 -- python -m data_pipeline.run ...   (same flags)
 
 Options may also come from a JSON/YAML file (--config), flags override it. `--executor inline` runs without Ray.
+`igscale precompute` is the same command.
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import logging
 import os
 import sys
 import time
-import typing
-from dataclasses import fields
 
 import numpy as np
 
 from data_pipeline.plan import ConfigError, PrecomputeConfig, fingerprint, list_images, samples_per_shard, shard_plan
 from data_pipeline.write import run_shard
+from igscale.core.cli_args import TypedArgParser, cli_error
 from igscale.latents.format import FIELDS, FORMAT, MANIFEST
 from igscale.storage import open_storage
 
@@ -168,64 +168,50 @@ def precompute(cfg: PrecomputeConfig, *, executor: str = "ray", ray_address: str
             "skipped": [r["shard"] for r in records if r["skipped"]]}
 
 
-def _coerce(name: str, t, v: str):
-    """A flag's string as its field's type (`none` for optional fields); a bad value is one named error."""
-    args = typing.get_args(t)
-    if type(None) in args and v.lower() == "none":
-        return None
-    base = next((a for a in (args or (t,)) if a is not type(None)), str)
-    flag = "--" + name.replace("_", "-")
-    if base is bool:
-        if v.lower() in ("1", "true", "yes"):
-            return True
-        if v.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"{flag}: {v!r} is not a boolean (true/false)")
-    if base in (int, float):
-        try:
-            return base(v)
-        except ValueError:
-            kind = "an integer" if base is int else "a number"
-            raise ConfigError(f"{flag}: {v!r} is not {kind}{' (or none)' if type(None) in args else ''}") from None
-    return v
+def build_parser(prog: str = "python -m data_pipeline.run") -> TypedArgParser:
+    """A flag per PrecomputeConfig field (typed, help from its docstring), plus the job's own flags."""
+    p = TypedArgParser(PrecomputeConfig, prog=prog, description=__doc__)
+    g = p.add_argument_group("job")
+    g.add_argument("--config", help="JSON or YAML file with PrecomputeConfig fields (flags override it)")
+    g.add_argument("--executor", choices=["ray", "inline"], default="ray",
+                   help="ray: one task per shard on a Ray cluster; inline: in this process (default: ray)")
+    g.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS / job context / local)")
+    return p
 
 
-def parse_args(argv=None) -> tuple[PrecomputeConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON or YAML file with PrecomputeConfig fields")
-    p.add_argument("--executor", choices=["ray", "inline"], default="ray")
-    p.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS / job context / local)")
-    for f in fields(PrecomputeConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       help=f"PrecomputeConfig.{f.name}")
-    a = p.parse_args(argv)
-    d = {}
-    if a.config:
-        text = open(a.config).read()
-        if a.config.endswith((".yaml", ".yml")):
-            import yaml
+def _read_config_file(path: str) -> dict:
+    import yaml
 
-            d = yaml.safe_load(text)
-        else:
-            d = json.loads(text)
-    types = typing.get_type_hints(PrecomputeConfig)
-    for f in fields(PrecomputeConfig):
-        v = getattr(a, f.name)
-        if v is not None:
-            d[f.name] = _coerce(f.name, types[f.name], v)
-    return PrecomputeConfig.from_dict(d), a
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        d = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from e  # one line, also for YAML's
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of PrecomputeConfig fields")
+    return d
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None, prog: str = "python -m data_pipeline.run") -> tuple[PrecomputeConfig, argparse.Namespace]:
+    p = build_parser(prog)
+    ns = p.parse_namespace(argv)
+    base = _read_config_file(ns.config) if ns.config else {}
+    return p.build(ns, base, base_name=f"--config file {ns.config}"), ns
+
+
+def main(argv=None, prog: str = "python -m data_pipeline.run") -> int:
     from igscale.storage import USER_ERRORS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg, a = parse_args(argv)
+        cfg, a = parse_args(argv, prog)
+    except ConfigError as e:
+        return cli_error(prog, e)
+    try:
         address = a.ray_address or os.environ.get("RAY_ADDRESS")
         result = precompute(cfg, executor=a.executor, ray_address=address)
-    except USER_ERRORS as e:  # bad flags, missing input, missing bucket, credentials: one line, exit 2
+    except USER_ERRORS as e:  # missing input, missing bucket, credentials: one line, exit 2
         print(f"precompute: error: {e}", file=sys.stderr)
         return 2
     m = result["manifest"]

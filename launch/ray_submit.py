@@ -62,7 +62,7 @@ def _entry(args, rest: list[str]) -> tuple[list[str], dict]:
         return [args.python, "-m", "igscale.cli.main", args.command, *rest], meta
     # train: validate and record the resolved config here, before anything is submitted
     from igscale.config.load import load_config
-    from igscale.config.typed import ConfigError, to_dict
+    from igscale.core.typed import ConfigError, to_dict
 
     cfg_args = argparse.ArgumentParser(add_help=False)
     cfg_args.add_argument("--config", required=True)

@@ -14,15 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 
 
-def test_model_overrides_merge_field_by_field(tmp_path):
-    cfg = load_config(TINY, ["model.overrides.depth=2"])
-    assert cfg.model.overrides == {"input_size": 8, "in_channels": 4, "hidden_size": 64, "depth": 2, "num_heads": 2,
-                                   "num_classes": 10, "ig_layers": [2]}
-    ldit = load_config(os.path.join(ROOT, "configs", "lightningdit_xl1_ig.yaml"), ["model.overrides.depth=12"])
-    assert ldit.model.overrides["ig_head_init"] == "xavier" and ldit.model.overrides["depth"] == 12
-    child = tmp_path / "child.yaml"  # a `base:` child that sets one override keeps the parent's others
-    child.write_text(f"base: {TINY}\nmodel:\n  overrides: {{depth: 3}}\n")
-    assert load_config(str(child)).model.overrides["hidden_size"] == 64
+def test_model_fields_merge_field_by_field(tmp_path):
+    cfg = load_config(TINY, ["model.depth=2"])
+    assert cfg.model.arch_overrides() == {"input_size": 8, "in_channels": 4, "hidden_size": 64, "depth": 2,
+                                          "num_heads": 2, "num_classes": 10, "ig_layers": (2,)}
+    ldit = load_config(os.path.join(ROOT, "configs", "lightningdit_xl1_ig.yaml"), ["model.depth=12"])
+    assert ldit.model.ig_head_init == "xavier" and ldit.model.depth == 12 and ldit.model.ig_layers == (8,)
+    child = tmp_path / "child.yaml"  # a `base:` child that sets one model field keeps the parent's others
+    child.write_text(f"base: {TINY}\nmodel:\n  depth: 3\n")
+    assert load_config(str(child)).model.hidden_size == 64 and load_config(str(child)).model.depth == 3
 
 
 @pytest.mark.parametrize("override,field", [

@@ -30,16 +30,16 @@ def test_resume_with_a_changed_model_is_refused_unless_allowed(tmp_path):
                                     per_shard=16, num_classes=10, dtype="float32")
     p = _train(tmp_path, manifest, "train.total_steps=2")
     assert p.returncode == 0, p.stderr[-3000:]
-    p = _train(tmp_path, manifest, "train.total_steps=3", "model.overrides.ig_layers=[3]", "loss.aux_weight=0.25")
+    p = _train(tmp_path, manifest, "train.total_steps=3", "model.ig_layers=[3]", "loss.aux_weight=0.25")
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "model.overrides.ig_layers: [2] -> [3]" in p.stderr and "loss.aux_weight: 0.5 -> 0.25" in p.stderr
+    assert "model.ig_layers: [2] -> [3]" in p.stderr and "loss.aux_weight: 0.5 -> 0.25" in p.stderr
     assert "Traceback" not in p.stderr
     p = _train(tmp_path, manifest, "train.total_steps=3", "optim.lr=5e-4")  # the LR may change on resume
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
-    p = _train(tmp_path, manifest, "train.total_steps=4", "model.overrides.ig_layers=[3]", "--allow-config-change")
+    p = _train(tmp_path, manifest, "train.total_steps=4", "model.ig_layers=[3]", "--allow-config-change")
     assert p.returncode == 0 and "config changes (allowed)" in p.stdout, p.stderr[-3000:]
     rec = [json.loads(line) for line in open(tmp_path / "run" / "config_changes.jsonl")]
-    assert rec[-1]["changes"] == ["model.overrides.ig_layers: [2] -> [3]"]
+    assert rec[-1]["changes"] == ["model.ig_layers: [2] -> [3]"]
 
 
 def test_more_data_classes_than_model_classes_is_refused(tmp_path):
@@ -47,3 +47,20 @@ def test_more_data_classes_than_model_classes_is_refused(tmp_path):
                                     per_shard=16, num_classes=12, dtype="float32")
     p = _train(tmp_path, manifest, "train.total_steps=1")
     assert p.returncode == 2 and "the data has 12 classes" in p.stderr, p.stderr[-3000:]
+
+
+def test_frozen_fields_of_a_config_saved_with_the_old_model_overrides():
+    """A checkpoint whose config predates the typed model fields (model.overrides) compares field by field."""
+    from igscale.config.load import load_config
+    from igscale.core.typed import to_dict
+    from igscale.training.resume_check import frozen_changes
+
+    current = to_dict(load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml")))
+    arch = {k: v for k, v in current["model"].items() if v is not None and k not in (
+        "name", "activation_checkpointing", "compile", "compile_backend")}
+    legacy = {**current, "model": {"name": "SiT-S/2", "overrides": arch, "compile": "none"}}
+    assert frozen_changes(legacy, current) == []
+    legacy["model"]["overrides"] = {**arch, "depth": 6}
+    assert frozen_changes(legacy, current) == ["model.depth: 6 -> 4"]
+    current["model"]["attn_backend"] = "sdpa"  # a kernel choice, free on resume
+    assert frozen_changes(legacy, current) == ["model.depth: 6 -> 4"]

@@ -1,4 +1,4 @@
-"""`igscale sweep`: one distributed job that samples and scores a grid of guidance settings with shared seeds.
+r"""`igscale sweep`: one distributed job that samples and scores a grid of guidance settings with shared seeds.
 
   torchrun --nproc_per_node 8 -m igscale.cli.main sweep --export s3://b/run/export --preset sit-xl2-ig-cfg-fid1.46 \
       --vae sd-vae --vae-weights /models/sd-vae-ft-ema --ref VIRTUAL_imagenet256_labeled.npz \
@@ -7,65 +7,42 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 from igscale.cli.common import run_distributed
-from igscale.cli.sample import add_batch_mode_args
-from igscale.core.typed import to_dict
+from igscale.core.cli_args import TypedArgParser, cli_error
+from igscale.core.typed import ConfigError, to_dict
 from igscale.distributed.env import barrier, device_for, print0
+from igscale.eval.commands import SweepConfig
 from igscale.eval.evaluate import evaluate_npz, extract_features, fetch_local
-from igscale.eval.generate import SAMPLES_NPZ, GenerationConfig, assemble, describe, generate
-from igscale.eval.inception import WEIGHTS_FILENAME, load_inception
+from igscale.eval.generate import SAMPLES_NPZ, assemble, describe, generate
+from igscale.eval.inception import load_inception
 from igscale.eval.npz import validate_ref_npz
-from igscale.eval.setup import add_model_args, add_sampler_args, build_decoder, load_model, sampler_from_args
+from igscale.eval.setup import build_decoder, load_model, sampler_from_args
 from igscale.eval.sweep import make_grid, write_report
 from igscale.storage import open_storage
 
-
-def _interval(s: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in s.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"interval must be LO,HI (e.g. 0,0.7), got {s!r}") from e
-    return lo, hi
+PROG = "igscale sweep"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="igscale sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    add_sampler_args(p, guidance=False)
-    g = p.add_argument_group("grid (each axis defaults to the preset's value)")
-    g.add_argument("--w-ig", type=float, nargs="+", default=[])
-    g.add_argument("--w-cfg", type=float, nargs="+", default=[])
-    g.add_argument("--cfg-interval", type=_interval, nargs="+", default=[], metavar="LO,HI")
-    g.add_argument("--ig-interval", type=_interval, nargs="+", default=[], metavar="LO,HI")
-    g = p.add_argument_group("job")
-    g.add_argument("--out", required=True, help="folder or s3:// prefix; one sub-folder per grid point + the report")
-    g.add_argument("--ref", required=True, help="ADM reference batch npz (path or s3://)")
-    g.add_argument("--inception", required=True, help=f"path, folder or s3:// URL of {WEIGHTS_FILENAME}")
-    g.add_argument("--num-samples", type=int, default=10_000)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--labels", choices=["random", "balanced"], default="random")
-    g.add_argument("--chunk-size", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=64, help="per-rank sampling batch (see igscale sample)")
-    add_batch_mode_args(g)
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    return p
+def build_parser() -> TypedArgParser:
+    """Flags of SweepConfig; parse_args returns a SweepConfig."""
+    return TypedArgParser(SweepConfig, prog=PROG, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_distributed("igscale sweep", lambda env: _run(args, env), timeout_s=4 * 3600)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as e:
+        return cli_error(PROG, e)
+    return run_distributed(PROG, lambda env: _run(args, env), timeout_s=4 * 3600)
 
 
-def _run(args, env) -> int:
+def _run(args: SweepConfig, env) -> int:
     device = device_for(env)
     sampler, base = sampler_from_args(args, guidance_overrides=False)
     grid = make_grid(base, args.w_ig, args.w_cfg, args.cfg_interval, args.ig_interval)
-    cfg = GenerationConfig(num_samples=args.num_samples, seed=args.seed, labels=args.labels,
-                           chunk_size=args.chunk_size, batch_size=args.batch_size, batch_invariant=args.batch_invariant)
+    cfg = args.generation()
     model, model_meta = load_model(args)
     decode, dec_meta = build_decoder(args, device)
     inception = load_inception(args.inception, device)

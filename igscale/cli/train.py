@@ -1,4 +1,4 @@
-"""`igscale train --config configs/<run>.yaml [key=value ...]`: the training composition root.
+"""`igscale train --config configs/<run>.yaml [key=value ...]`: train a model with DeepSpeed from a YAML run config.
 
 Launch with torchrun, the deepspeed launcher, srun or Ray Train (rank/world come from the launcher's env). The
 config is resolved and validated before the process group or any worker starts, and saved with the run. Exit codes:
@@ -115,7 +115,6 @@ def _run(cfg) -> int:
     from igscale.distributed.engine import init_deepspeed_distributed
     from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
     from igscale.latents.loader import LatentLoader
-    from igscale.models import model_config as registry_config
     from igscale.models.flops import train_flops_per_image
     from igscale.monitor.metrics import MetricsSink, peak_flops
     from igscale.ops.attention import attention_kind
@@ -135,7 +134,7 @@ def _run(cfg) -> int:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     metrics = None
     try:
-        model_config = registry_config(cfg.model.name, **cfg.model.overrides)  # checks data before DeepSpeed
+        model_config = cfg.model.resolve()  # checks the data against the model before DeepSpeed starts
         loader = LatentLoader(cfg.data.manifest_url, batch_size=micro, rank=rank, world_size=world,
                               num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                               shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
@@ -149,7 +148,7 @@ def _run(cfg) -> int:
         if data_classes is not None and int(data_classes) > model_config.num_classes:
             # label num_classes is the null (CFG) token: the extra classes would silently train as "no class"
             raise ConfigError(f"the data has {data_classes} classes but model {cfg.model.name} has num_classes="
-                              f"{model_config.num_classes}; set model.overrides.num_classes={data_classes}")
+                              f"{model_config.num_classes}; set model.num_classes={data_classes}")
         engine, compile_mode = build_engine(cfg, world_size=world, device=device)
         model_config = engine.module.config
         ckpt = Checkpointer(cfg.checkpoint.url or os.path.join(run_dir, "checkpoints"),

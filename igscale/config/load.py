@@ -37,7 +37,7 @@ def _yaml(text: str):
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
-    """Field-by-field merge (model.overrides included: overriding `depth` keeps the other overrides)."""
+    """Field-by-field merge: a child or override that sets `model.depth` keeps the other model fields."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -97,19 +97,11 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    cfg = from_dict(RunConfig, data)
-    validate_model(cfg)
-    return cfg
-
-
-def validate_model(cfg: RunConfig) -> None:
-    """Check model.name/overrides against the model registry now, not after the workers have started."""
-    from igscale.models import model_config  # config may import the models' own config dataclasses
-
-    try:
-        model_config(cfg.model.name, **cfg.model.overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model: {e}") from e
+    model = data.get("model")
+    if isinstance(model, dict) and "overrides" in model:  # configs written before ModelSection had typed fields
+        raise ConfigError("model.overrides: the model's fields now sit directly under model (e.g. model.depth=3, "
+                          "`model: {name: SiT-S/2, depth: 3}`); move the keys of model.overrides up one level")
+    return from_dict(RunConfig, data)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:

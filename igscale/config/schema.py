@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from igscale.core.typed import ConfigError
+
 __all__ = [
     "ModelSection", "DataSection", "LossSection", "OptimSection", "EngineSection", "TrainSection",
-    "CheckpointSection", "LoggingSection", "SampleSection", "RunConfig", "MUON_ZERO_STAGES",
+    "CheckpointSection", "LoggingSection", "SampleSection", "RunConfig", "MUON_ZERO_STAGES", "MODEL_ARCH_FIELDS",
 ]
 
 # Our Muon orthogonalises whole 2-D gradient matrices, so it is correct only where DeepSpeed hands the client
@@ -25,9 +27,33 @@ MUON_PRECISIONS = ("fp32", "bf16_autocast")
 @dataclass(kw_only=True)
 class ModelSection:
     name: str = "SiT-XL/2"
-    """Registry name passed to igscale.models.build_model (e.g. "SiT-XL/2", "LightningDiT-XL/1")."""
-    overrides: dict[str, Any] = field(default_factory=dict)
-    """Keyword overrides for build_model (input_size, hidden_size, depth, ig_layers, ...)."""
+    """Registry name passed to igscale.models.model_config (e.g. "SiT-XL/2", "LightningDiT-XL/1"); it fixes every
+    architecture field below that is left unset (null)."""
+    # Architecture: the fields of igscale.models.ModelConfig (tests/test_config.py keeps the two in step), each
+    # None = the registry preset's value. Typed fields, not a free-form dict, so a YAML `base:` child or a command
+    # line `model.depth=3` changes one field and keeps the others, and a typo or a wrong type fails at load.
+    input_size: int | None = None
+    """Latent spatial size (32 for SD-VAE at 256 px, 16 for VA-VAE f16)."""
+    patch_size: int | None = None
+    in_channels: int | None = None
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    num_classes: int | None = None
+    """Class count; the index num_classes is the null (CFG) label."""
+    class_dropout_prob: float | None = None
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    rope: bool | None = None
+    qk_norm: bool | None = None
+    ig_layers: tuple[int, ...] | None = None
+    """1-based block indices after which an IG head reads the tokens; the first one is the guidance head."""
+    ig_head_init: Literal["zero", "xavier"] | None = None
+    time_convention: Literal["noise_at_1", "noise_at_0"] | None = None
+    attn_backend: Literal["auto", "flash", "sdpa", "math"] | None = None
+    decoder_hidden_size: int | None = None
+    # Execution: how the model runs, not what it is.
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward (model.set_activation_checkpointing)."""
     compile: Literal["auto", "blocks", "full", "none"] = "auto"
@@ -36,6 +62,27 @@ class ModelSection:
     CUDA below ZeRO-3, none on CPU and under ZeRO-3 (whose parameter hooks break compiled graphs)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager compiles quickly and is used by CPU smoke runs)."""
+
+    def __post_init__(self):
+        self.resolve()  # the registry checks the name and every architecture rule now, not after workers start
+
+    def arch_overrides(self) -> dict[str, Any]:
+        """The architecture fields set here (keyword arguments of igscale.models.build_model)."""
+        return {k: getattr(self, k) for k in MODEL_ARCH_FIELDS if getattr(self, k) is not None}
+
+    def resolve(self):
+        """The full igscale.models.ModelConfig: the registry preset with this section's fields on top."""
+        from igscale.models.registry import model_config  # config sits above models; imported here (torch)
+
+        try:
+            return model_config(self.name, **self.arch_overrides())
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("ModelConfig: ")) from None
+
+
+# ModelSection fields that describe the network itself (the rest say how it runs)
+MODEL_ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSection)
+                          if f.name not in ("name", "activation_checkpointing", "compile", "compile_backend"))
 
 
 @dataclass(kw_only=True)
@@ -80,6 +127,8 @@ class LossSection:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.aux_weight < 0:
             raise ValueError("aux_weight must be >= 0")
+        if not (self.t_std > 0 and self.t_shift > 0):
+            raise ValueError(f"t_std and t_shift must be > 0, got {self.t_std}, {self.t_shift}")
 
 
 @dataclass(kw_only=True)
@@ -103,6 +152,10 @@ class OptimSection:
             raise ValueError("learning rates must be > 0")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        if not (all(0.0 <= b < 1.0 for b in self.betas) and 0.0 <= self.muon_momentum < 1.0):
+            raise ValueError(f"betas and muon_momentum must be in [0, 1), got {self.betas}, {self.muon_momentum}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.muon_weight_decay < 0 or self.muon_ns_steps < 1:
+            raise ValueError("eps must be > 0, weight decays >= 0 and muon_ns_steps >= 1")
 
 
 @dataclass(kw_only=True)
@@ -141,8 +194,8 @@ class TrainSection:
     def __post_init__(self):
         if self.global_batch < 1:
             raise ValueError("global_batch must be >= 1")
-        if self.total_steps < 0 or self.epochs < 0:
-            raise ValueError("total_steps and epochs must be >= 0")
+        if self.total_steps < 0 or self.epochs < 0 or self.seed < 0:
+            raise ValueError("total_steps, epochs and seed must be >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.max_nonfinite < 0:

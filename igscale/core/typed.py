@@ -10,6 +10,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+__all__ = ["ConfigError", "coerce", "from_dict", "to_dict"]
+
 T = TypeVar("T")
 
 
@@ -21,7 +23,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """`value` checked (and where lossless, converted) against type `tp`; `path` names it in errors."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -29,14 +32,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own message says more than "matches none of"
             try:
-                return _coerce(value, a, path)
+                return coerce(value, arms[0], path)
             except ConfigError as e:
-                errors.append(str(e))
+                raise ConfigError(f"{e} (or null)") from None
+        for a in arms:
+            try:
+                return coerce(value, a, path)
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is typing.Literal:
         if value not in args:
@@ -54,10 +60,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             elem = args[0] if args else Any
-            items = [_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
+            items = [coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -97,7 +103,7 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
         raise ConfigError(
             f"unknown config key(s){where} for {cls.__name__}: {unknown}; valid keys: {sorted(fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{_path}.{k}" if _path else k) for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], f"{_path}.{k}" if _path else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:

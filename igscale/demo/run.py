@@ -26,8 +26,8 @@ BUCKET = "igscale-demo"
 # Embedded training config, written into the run folder: a SiT-S/2 shape shrunk to the demo's 8x8x4 latents and
 # 4 toy classes (wider and deeper than configs/tiny_cpu.yaml, which sizes the tests).
 TRAIN_CONFIG = {
-    "model": {"name": "SiT-S/2", "overrides": {"input_size": 8, "in_channels": 4, "hidden_size": 96, "depth": 6,
-                                               "num_heads": 4, "num_classes": 4, "ig_layers": [2]}},
+    "model": {"name": "SiT-S/2", "input_size": 8, "in_channels": 4, "hidden_size": 96, "depth": 6, "num_heads": 4,
+              "num_classes": 4, "ig_layers": [2]},
     "data": {"num_workers": 1, "shuffle_buffer": 64},
     "loss": {"path": "linear", "aux_weight": 0.5, "t_sampling": "uniform", "label_dropout": 0.1},
     "optim": {"name": "adamw", "lr": 1.0e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},

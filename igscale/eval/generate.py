@@ -47,10 +47,14 @@ NOISE_STREAM = 0
 
 @dataclass
 class GenerationConfig:
+    """job (the samples, their seeds and labels, and how they are cut into chunks and per-rank batches)"""
+
     num_samples: int = 50_000
+    """Images to generate."""
     seed: int = 0
     """Sample i uses seed + i."""
     labels: Literal["random", "balanced"] = "random"
+    """Class labels: random (seeded per sample) or balanced (num_samples / num_classes of every class)."""
     chunk_size: int = 1000
     """Samples per resumable unit (fixed per job; changing it needs a new output folder)."""
     batch_size: int = 64

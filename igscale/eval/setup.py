@@ -1,51 +1,21 @@
-"""Shared composition for `igscale sample` and `igscale sweep`: model source, sampler settings, decoder."""
+"""Shared composition for `igscale sample` and `igscale sweep`: model source, sampler settings, decoder.
+
+Each function reads the fields of one section of igscale.eval.commands (ModelSource, SamplerArgs + GuidanceArgs,
+DecoderArgs) by attribute, so it takes a command config or any object with those attributes.
+"""
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from igscale.core.typed import from_dict, to_dict
 from igscale.diffusion.guidance import GuidanceConfig
-from igscale.diffusion.presets import PRESETS, get_preset
+from igscale.diffusion.presets import get_preset
 from igscale.diffusion.samplers import SamplerConfig
 from igscale.eval.generate import latents_to_uint8
 
-__all__ = ["add_model_args", "add_sampler_args", "load_model", "sampler_from_args", "build_decoder"]
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of --export or --checkpoint)")
-    g.add_argument("--export", help="igscale inference export: folder or s3:// prefix "
-                   "(model.safetensors + model_config.json)")
-    g.add_argument("--checkpoint", help="official IG checkpoint (.pt); needs --model and --checkpoint-kind")
-    g.add_argument("--model", help='registry name for --checkpoint, e.g. "SiT-XL/2"')
-    g.add_argument("--checkpoint-kind", choices=["sit", "lightningdit"], help="official codebase of --checkpoint")
-    g = p.add_argument_group("decoder")
-    g.add_argument("--vae", default="none", choices=["sd-vae", "va-vae-f16d32", "none"],
-                   help="VAE of igscale.vae (diffusers AutoencoderKL), or 'none' to store quantised latents "
-                   "(latent-space runs, not ADM-evaluable)")
-    g.add_argument("--vae-weights", help="local path / s3:// URL of the VAE weights (diffusers folder or LDM file)")
-    g.add_argument("--quantization", choices=["sit", "vavae"], help="pixel quantisation (sit: 255*(x+1)/2, "
-                   "vavae: 127.5x+128, both truncated); default: sit for sd-vae, vavae for va-vae-f16d32")
-    g.add_argument("--latent-scale", type=float, default=0.18215,
-                   help="SD-VAE: model latent = z * scale (SiT recipe)")
-    g.add_argument("--latent-stats", help="VA-VAE: per-channel latent mean/std the model was trained with: a "
-                   "dataset manifest.json (latent_stats) or latents_stats.pt (mean, std); path or s3://")
-
-
-def add_sampler_args(p: argparse.ArgumentParser, *, guidance: bool = True) -> None:
-    g = p.add_argument_group("sampler (a preset, then explicit overrides)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="published sampler + guidance settings")
-    g.add_argument("--method", choices=["euler", "heun", "sde"])
-    g.add_argument("--num-steps", type=int)
-    g.add_argument("--shift", type=float)
-    if guidance:
-        g.add_argument("--w-cfg", type=float)
-        g.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
-        g.add_argument("--w-ig", type=float)
-        g.add_argument("--ig-interval", type=float, nargs=2, metavar=("LO", "HI"))
+__all__ = ["load_model", "sampler_from_args", "build_decoder"]
 
 
 def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[SamplerConfig, GuidanceConfig]:

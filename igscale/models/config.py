@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+__all__ = ["ModelConfig"]
+
 
 @dataclass
 class ModelConfig:
@@ -68,6 +70,8 @@ class ModelConfig:
                 )
         if len(set(self.ig_layers)) != len(self.ig_layers):
             raise ValueError(f"ig_layers has duplicates: {self.ig_layers}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
         if self.rope and (self.hidden_size // self.num_heads) % 4:

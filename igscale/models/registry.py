@@ -8,6 +8,8 @@ from igscale.core.typed import from_dict
 from igscale.models.config import ModelConfig
 from igscale.models.dit import IGDiT
 
+__all__ = ["MODEL_TABLE", "model_names", "model_config", "build_model", "build_model_from_config"]
+
 # size -> (depth, hidden, heads)
 _SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 _LDIT_SIZES = {

@@ -18,7 +18,7 @@ def build_engine(cfg: RunConfig, *, world_size: int, device: torch.device,
     """(engine, resolved compile mode). `state` replaces the initial weights (benchmarks start two steps from
     the same weights); otherwise every rank draws the same weights from train.seed."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model.name, **cfg.model.overrides).to(device)
+    model = build_model(cfg.model.name, **cfg.model.arch_overrides()).to(device)
     if state is not None:
         model.load_state_dict(state)
     model.set_activation_checkpointing(cfg.model.activation_checkpointing)

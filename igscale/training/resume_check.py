@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from igscale.config.schema import MODEL_ARCH_FIELDS
+
 __all__ = ["FROZEN", "frozen_changes"]
 
 # section -> the fields that define the experiment (None: every field of the section)
 FROZEN: dict[str, tuple[str, ...] | None] = {
-    "model": ("name", "overrides"),
+    # the network itself; attn_backend only picks a kernel (a resume on other GPUs may need another one)
+    "model": ("name", *(f for f in MODEL_ARCH_FIELDS if f != "attn_backend")),
     "loss": None,
     "data": ("manifest_url", "shuffle_buffer"),
     "train": ("seed", "global_batch"),
@@ -34,6 +37,8 @@ def frozen_changes(saved: dict, current: dict) -> list[str]:
     out = []
     for section, fields in FROZEN.items():
         a, b = saved.get(section, {}), current.get(section, {})
+        if section == "model" and isinstance(a.get("overrides"), dict):  # saved before the typed model fields
+            a = {**a, **a["overrides"]}
         for f in fields if fields is not None else sorted(set(a) | set(b)):
             fa, fb = _flat(a.get(f), f"{section}.{f}"), _flat(b.get(f), f"{section}.{f}")
             for k in sorted(set(fa) | set(fb)):

@@ -1,0 +1,203 @@
+"""Typed configs of `igscale sample`, `igscale sweep` and `igscale eval`.
+
+Each command's flags, defaults and help text are generated from these dataclasses (igscale.core.cli_args), and each
+section checks its values in `__post_init__`, so a bad flag fails in one line before any process group starts.
+The sections are plain dataclasses mixed into the command configs; igscale.eval.setup reads them by attribute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from igscale.diffusion.presets import preset_names
+from igscale.eval.generate import GenerationConfig
+
+__all__ = ["ModelSource", "DecoderArgs", "SamplerArgs", "GuidanceArgs", "GridArgs", "SampleConfig", "SweepConfig",
+           "EvalConfig"]
+
+PresetName = Literal[tuple(preset_names())]  # a Literal, so --help lists the presets and the parser checks them
+Interval = tuple[float, float]
+
+
+def _check_interval(flag: str, v) -> None:
+    if v is not None and not 0.0 <= v[0] <= v[1] <= 1.0:
+        raise ValueError(f"{flag} must satisfy 0 <= LO <= HI <= 1, got {v[0]:g} {v[1]:g}")
+
+
+def _check_weight(flag: str, v) -> None:
+    if v is not None and not math.isfinite(v):  # NaN guidance gives black images with exit code 0
+        raise ValueError(f"{flag} must be finite, got {v}")
+
+
+@dataclass(kw_only=True)
+class ModelSource:
+    """model (one of --export or --checkpoint)"""
+
+    export: str | None = None
+    """igscale inference export: folder or s3:// prefix (model.safetensors + model_config.json)."""
+    checkpoint: str | None = None
+    """Official IG checkpoint (.pt); needs --model and --checkpoint-kind."""
+    model: str | None = None
+    """Registry name of the --checkpoint model, e.g. SiT-XL/2."""
+    checkpoint_kind: Literal["sit", "lightningdit"] | None = None
+    """Official codebase of --checkpoint."""
+
+
+@dataclass(kw_only=True)
+class DecoderArgs:
+    """decoder"""
+
+    vae: Literal["sd-vae", "va-vae-f16d32", "none"] = "none"
+    """VAE of igscale.vae (diffusers AutoencoderKL), or none to store quantised latents (latent-space runs, not
+    ADM-evaluable)."""
+    vae_weights: str | None = None
+    """Local path / s3:// URL of the VAE weights (diffusers folder or LDM file)."""
+    quantization: Literal["sit", "vavae"] | None = None
+    """Pixel quantisation (sit: 255*(x+1)/2, vavae: 127.5x+128, both truncated); default: sit for sd-vae, vavae for
+    va-vae-f16d32."""
+    latent_scale: float = 0.18215
+    """SD-VAE: model latent = z * scale (SiT recipe)."""
+    latent_stats: str | None = None
+    """VA-VAE: per-channel latent mean/std the model was trained with: a dataset manifest.json (latent_stats) or
+    latents_stats.pt (mean, std); path or s3://."""
+
+    def __post_init__(self):
+        if not self.latent_scale > 0:
+            raise ValueError(f"--latent-scale must be > 0, got {self.latent_scale}")
+
+
+@dataclass(kw_only=True)
+class SamplerArgs:
+    """sampler (a preset, then explicit overrides; unset flags keep the preset's value)"""
+
+    preset: PresetName | None = None
+    """Published sampler + guidance settings (igscale.diffusion.presets); default: igscale's sampler defaults."""
+    method: Literal["euler", "heun", "sde"] | None = None
+    """Euler or Heun ODE, or the Euler-Maruyama SDE (SiT's sampler)."""
+    num_steps: int | None = None
+    """ODE steps (Heun costs 2 NFE per step); SDE: NFE."""
+    shift: float | None = None
+    """Timestep shift s > 0 (s > 1 spends more steps near noise)."""
+
+    def __post_init__(self):
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(f"--num-steps must be >= 1, got {self.num_steps}")
+        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"--shift must be > 0, got {self.shift}")
+
+
+@dataclass(kw_only=True)
+class GuidanceArgs:
+    """guidance (unset flags keep the preset's value)"""
+
+    w_cfg: float | None = None
+    """Classifier-free guidance weight (1: off)."""
+    cfg_interval: Interval | None = None
+    """t range (t=1 noise) where CFG is applied: LO HI or LO,HI."""
+    w_ig: float | None = None
+    """Internal Guidance weight (1: off)."""
+    ig_interval: Interval | None = None
+    """t range (t=1 noise) where IG is applied: LO HI or LO,HI."""
+
+    def __post_init__(self):
+        _check_weight("--w-cfg", self.w_cfg)
+        _check_weight("--w-ig", self.w_ig)
+        _check_interval("--cfg-interval", self.cfg_interval)
+        _check_interval("--ig-interval", self.ig_interval)
+
+
+@dataclass(kw_only=True)
+class GridArgs:
+    """grid (each axis defaults to the preset's value)"""
+
+    w_ig: list[float] = field(default_factory=list)
+    """IG weights to sweep (default: the preset's)."""
+    w_cfg: list[float] = field(default_factory=list)
+    """CFG weights to sweep (default: the preset's)."""
+    cfg_interval: list[Interval] = field(default_factory=list)
+    """CFG intervals LO,HI to sweep (default: the preset's); dropped where w_cfg is 1."""
+    ig_interval: list[Interval] = field(default_factory=list)
+    """IG intervals LO,HI to sweep (default: the preset's); dropped where w_ig is 1."""
+
+    def __post_init__(self):
+        for v in self.w_ig + self.w_cfg:
+            _check_weight("--w-ig/--w-cfg", v)
+        for v in self.cfg_interval:
+            _check_interval("--cfg-interval", v)
+        for v in self.ig_interval:
+            _check_interval("--ig-interval", v)
+
+
+def _check_sections(obj) -> None:
+    """Run the `__post_init__` of every section a command config is made of (dataclass calls only the first)."""
+    for klass in type(obj).__mro__[1:]:
+        if "__post_init__" in vars(klass):
+            vars(klass)["__post_init__"](obj)
+
+
+class _Job:
+    def generation(self) -> GenerationConfig:
+        """The GenerationConfig part (what igscale.eval.generate records as the job's identity)."""
+        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
+
+
+@dataclass(kw_only=True)
+class SampleConfig(ModelSource, DecoderArgs, SamplerArgs, GuidanceArgs, GenerationConfig, _Job):
+    out: str
+    """Output folder or s3:// prefix (chunks/, samples.npz, samples.json)."""
+
+    def __post_init__(self):
+        _check_sections(self)
+
+
+@dataclass(kw_only=True)
+class SweepConfig(ModelSource, DecoderArgs, SamplerArgs, GridArgs, GenerationConfig, _Job):
+    out: str
+    """Folder or s3:// prefix; one sub-folder per grid point + the report."""
+    ref: str
+    """ADM reference batch npz (path or s3://)."""
+    inception: str
+    """Path, folder or s3:// URL of pt_inception-2015-12-05-6726825d.pth."""
+    num_samples: int = 10_000
+    eval_batch_size: int = 64
+    """Images per Inception forward, per rank."""
+
+    def __post_init__(self):
+        _check_sections(self)
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    ref: str | None = None
+    """ADM reference batch npz: arr_0 images, with or without mu, sigma, mu_s, sigma_s (computed from arr_0 when
+    absent, as the ADM evaluator does); path or s3://."""
+    sample: str | None = None
+    """Sample batch npz (arr_0 uint8 NHWC); path or s3://."""
+    inception: str
+    """Path, folder or s3:// URL of pt_inception-2015-12-05-6726825d.pth."""
+    batch_size: int = 64
+    """Images per Inception forward, per rank."""
+    out: str | None = None
+    """Write the metrics JSON here (path or s3://)."""
+    make_ref: str | None = None
+    """Instead of scoring: build a reference batch at this path from --images."""
+    images: str | None = None
+    """npz of real images (arr_0 uint8 NHWC) for --make-ref."""
+    num_pr_images: int = 10_000
+    """--make-ref: images kept in the reference batch for precision/recall."""
+    pr_distance_dtype: Literal["float32", "float16"] = "float32"
+    """Precision/recall distances in float32, or in float16 as the ADM evaluator computes them (closer to published
+    P/R columns; reads slightly higher, docs/evaluation.md)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.num_pr_images < 1:
+            raise ValueError(f"--batch-size and --num-pr-images must be >= 1, got {self.batch_size}, "
+                             f"{self.num_pr_images}")
+        if not self.make_ref and not (self.ref and self.sample):
+            raise ValueError("give REF and SAMPLE, or --make-ref OUT --images NPZ")
+        if self.make_ref and not self.images:
+            raise ValueError("--make-ref needs --images")
