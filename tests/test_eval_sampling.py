@@ -338,3 +338,32 @@ def test_reexported_weights_at_the_same_url_do_not_extend_a_job(tmp_path):
     assert meta2["source"] == meta["source"] and meta2["weights_sha256"] != meta["weights_sha256"]
     with pytest.raises(ValueError, match="weights_sha256"):
         generate(model, _raw, cfg, sampler, guidance, str(out), DistEnv(), settings=meta2, log=lambda s: None)
+
+
+def test_random_label_job_extends_to_more_samples_and_equals_a_fresh_job(tmp_path):
+    """num_samples is not part of a random-label job's identity: a folder grows, reusing every full chunk and
+    regenerating the last chunk the old count cut short; the result equals a fresh job bitwise (the basis of
+    `igscale tune`). Balanced labels keep the count in the identity."""
+    from igscale.eval.generate import assemble
+
+    model, sampler, g = tiny_model(), SamplerConfig(method="euler", num_steps=2), GuidanceConfig(w_ig=1.5)
+    small, big = (GenerationConfig(num_samples=n, seed=5, chunk_size=3, batch_size=2) for n in (5, 9))
+    grown, fresh = str(tmp_path / "grown"), str(tmp_path / "fresh")
+    kw = dict(settings={}, log=lambda m: None)
+    assert generate(model, _raw, small, sampler, g, grown, DistEnv(), **kw) == [0, 1]
+    assert generate(model, _raw, big, sampler, g, grown, DistEnv(), **kw) == [1, 2]  # chunk 1 held only [3, 5)
+    assert generate(model, _raw, big, sampler, g, fresh, DistEnv(), **kw) == [0, 1, 2]
+    for out in (grown, fresh):
+        assemble(out, big, {}, log=lambda m: None)
+    a, b = _load(grown), _load(fresh)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assemble(grown, small, {}, log=lambda m: None)  # a smaller count assembles the prefix
+    np.testing.assert_array_equal(_load(grown)[0], b[0][:5])
+    assert generate(model, _raw, small, sampler, g, grown, DistEnv(), **kw) == []  # nothing to regenerate
+    bal = str(tmp_path / "bal")
+    generate(model, _raw, GenerationConfig(num_samples=10, chunk_size=5, batch_size=5, labels="balanced"),
+             sampler, g, bal, DistEnv(), **kw)
+    with pytest.raises(ValueError, match=r"differ in \['num_samples'\]"):
+        generate(model, _raw, GenerationConfig(num_samples=20, chunk_size=5, batch_size=5, labels="balanced"),
+                 sampler, g, bal, DistEnv(), **kw)

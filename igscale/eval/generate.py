@@ -10,6 +10,12 @@ images independent of batch_size. A finished chunk is one atomic object `chunks/
 S3), so a rerun of the same job skips it and regenerates only what is missing. Rank 0 then streams the chunks, in
 index order, into the ADM-format `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels) and writes `samples.json` with
 every setting.
+
+With random labels, sample i does not depend on how many samples the job asks for, so `num_samples` is left out of
+the job identity: rerunning a folder with a larger count extends it (every full chunk is reused; a last chunk cut
+short by the old count is regenerated, which its record's sample range detects), and a smaller count assembles a
+prefix. `igscale tune` relies on this to score a candidate at 5k and then at 10k samples for the cost of 10k.
+Balanced labels are a permutation of the whole label list, so there `num_samples` stays in the identity.
 """
 from __future__ import annotations
 
@@ -87,19 +93,25 @@ def _record_key(k: int) -> str:
     return f"chunks/chunk_{k:06d}.json"
 
 
-def _chunk_ok(store: Storage, k: int) -> bool:
-    """A chunk counts as done when it exists at the size its record (written after it) gives; chunks of jobs
-    from before the records existed are opened once to check they are a readable npz."""
+def _chunk_ok(store: Storage, k: int, lo: int, hi: int) -> bool:
+    """A chunk counts as done when it exists at the size its record (written after it) gives and holds samples
+    [lo, hi) or more from lo (a job extended to more samples regenerates its old short last chunk; a shorter job
+    uses a prefix); chunks without a record or without a range in it are opened once to check them."""
     if not store.exists(chunk_key(k)):
         return False
     if store.exists(_record_key(k)):
         try:
-            return store.size(chunk_key(k)) == json.loads(store.get_text(_record_key(k)))["size"]
+            rec = json.loads(store.get_text(_record_key(k)))
+            if store.size(chunk_key(k)) != rec["size"]:
+                return False
+            if "range" in rec:
+                return rec["range"][0] == lo and rec["range"][1] >= hi
         except (ValueError, KeyError):
             return False
     try:
         with np.load(io.BytesIO(store.get_bytes(chunk_key(k)))) as z:
-            return {"arr_0", "labels", "indices"} <= set(z.files)
+            return {"arr_0", "labels", "indices"} <= set(z.files) and np.array_equal(z["indices"][:hi - lo],
+                                                                                       np.arange(lo, hi))
     except Exception:  # noqa: BLE001 - any unreadable chunk is regenerated
         return False
 
@@ -121,8 +133,10 @@ def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
 def _job_identity(cfg: GenerationConfig, settings: dict) -> dict:
     # Everything that changes the pixels. World size never does (batches are cut per chunk); batch_size does only
     # with plain batched kernels, so it is recorded in fast mode and left out in batch-invariant mode.
-    ident = {"num_samples": cfg.num_samples, "seed": cfg.seed, "labels": cfg.labels, "chunk_size": cfg.chunk_size,
+    ident = {"seed": cfg.seed, "labels": cfg.labels, "chunk_size": cfg.chunk_size,
              "batch_invariant": cfg.batch_invariant, **settings}
+    if cfg.labels != "random":  # a balanced label list depends on the total count
+        ident["num_samples"] = cfg.num_samples
     if not cfg.batch_invariant:
         ident["batch_size"] = cfg.batch_size
     return ident
@@ -184,7 +198,7 @@ def generate(
     ident = _job_identity(cfg, {**settings, "sampler": to_dict(sampler), "guidance": to_dict(guidance)})
     _check_job(store, ident, env)
     mine = [k for k in range(cfg.num_chunks()) if k % env.world_size == env.rank]
-    todo = [k for k in mine if not _chunk_ok(store, k)]
+    todo = [k for k in mine if not _chunk_ok(store, k, *cfg.chunk_range(k))]
     damaged = [k for k in todo if store.exists(chunk_key(k))]
     if damaged:
         log(f"[rank {env.rank}] chunks {damaged[:10]} are damaged or incomplete; regenerating them")
@@ -211,7 +225,8 @@ def generate(
         np.savez(buf, arr_0=np.concatenate(images), labels=labels[lo:hi], indices=np.arange(lo, hi))
         data = buf.getvalue()
         store.put_bytes(chunk_key(k), data)  # atomic: the chunk exists completely or not at all
-        store.put_text(_record_key(k), json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+        store.put_text(_record_key(k), json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                                   "range": [lo, hi]}))
         written.append(k)
         n_done += hi - lo
         log(f"[rank {env.rank}] chunk {k} written ({n_done / (time.perf_counter() - t_start):.2f} img/s)")
@@ -239,9 +254,9 @@ def assemble(out_url: str, cfg: GenerationConfig, meta: dict, log: Callable[[str
             raise RuntimeError(f"{store.url(chunk_key(k))} is damaged ({type(e).__name__}: {e}); it was deleted, "
                                "rerun the sampling job to regenerate it") from e
         lo, hi = cfg.chunk_range(k)
-        if not np.array_equal(idx, np.arange(lo, hi)):
+        if not np.array_equal(idx[:hi - lo], np.arange(lo, hi)):  # a longer chunk of an extended job: its prefix
             raise RuntimeError(f"{store.url(chunk_key(k))} holds samples {idx[:3]}..., expected {lo}..")
-        return arr, labs
+        return arr[:hi - lo], labs[:hi - lo]
 
     first, _ = load(0)
     shape = (cfg.num_samples, *first.shape[1:])
