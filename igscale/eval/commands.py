@@ -15,7 +15,7 @@ from igscale.diffusion.presets import preset_names
 from igscale.eval.generate import GenerationConfig
 
 __all__ = ["ModelSource", "DecoderArgs", "SamplerArgs", "GuidanceArgs", "GridArgs", "SampleConfig", "SweepConfig",
-           "EvalConfig"]
+           "EvalConfig", "TuneConfig"]
 
 PresetName = Literal[tuple(preset_names())]  # a Literal, so --help lists the presets and the parser checks them
 Interval = tuple[float, float]
@@ -133,7 +133,7 @@ class GridArgs:
 def _check_sections(obj) -> None:
     """Run the `__post_init__` of every section a command config is made of (dataclass calls only the first)."""
     for klass in type(obj).__mro__[1:]:
-        if "__post_init__" in vars(klass):
+        if "__post_init__" in vars(klass) and not issubclass(klass, _Job):  # sections only, not parent commands
             vars(klass)["__post_init__"](obj)
 
 
@@ -201,3 +201,23 @@ class EvalConfig:
             raise ValueError("give REF and SAMPLE, or --make-ref OUT --images NPZ")
         if self.make_ref and not self.images:
             raise ValueError("--make-ref needs --images")
+
+
+@dataclass(kw_only=True)
+class TuneConfig(SweepConfig):
+    """`igscale tune`: the sweep's grid, searched by successive halving instead of scored in full."""
+
+    start_samples: int = 1000
+    """Samples per candidate at the first rung (each rung doubles it, up to --num-samples)."""
+    keep: float = 0.5
+    """Fraction of candidates kept at each rung (rounded up, at least one)."""
+
+    def __post_init__(self):
+        SweepConfig.__post_init__(self)
+        if not 1 <= self.start_samples <= self.num_samples:
+            raise ValueError(f"--start-samples must lie in [1, --num-samples], got {self.start_samples}")
+        if not 0.0 < self.keep < 1.0:
+            raise ValueError(f"--keep must lie in (0, 1), got {self.keep}")
+        if self.labels != "random":  # balanced label lists depend on the count, so a rung could not extend the last
+            raise ValueError("igscale tune needs --labels random (balanced labels change with the sample count)")
+
