@@ -59,9 +59,10 @@ def test_every_command_has_help(cmd, capsys):
 
 def _typed_commands():
     from data_pipeline.plan import PrecomputeConfig
-    from igscale.eval.commands import EvalConfig, SampleConfig, SweepConfig
+    from igscale.eval.commands import EvalConfig, ReproduceConfig, SampleConfig, SweepConfig
 
-    return [("sample", SampleConfig), ("sweep", SweepConfig), ("eval", EvalConfig), ("precompute", PrecomputeConfig)]
+    return [("sample", SampleConfig), ("sweep", SweepConfig), ("eval", EvalConfig), ("precompute", PrecomputeConfig),
+            ("reproduce", ReproduceConfig)]
 
 
 def _entries(out: str) -> dict[str, str]:

@@ -1,4 +1,6 @@
 """Official checkpoint layouts, written out independently here, load into IGDiT (random weights, no download)."""
+import argparse
+
 import pytest
 import torch
 
@@ -66,7 +68,9 @@ def _random(keys, seed=0):
 def test_sit_checkpoint_loads_and_routes_the_ig_head(tmp_path):
     sd = _random(official_sit_keys(64, 3, 2, 4, 10, 4))
     path = tmp_path / "step-0004000.pt"
-    torch.save({"model": _random(official_sit_keys(64, 3, 2, 4, 10, 4), 1), "ema": sd, "opt": {}, "args": {}}, path)
+    # the official trainer stores its argparse.Namespace under "args"; that one class is allowed, nothing else
+    args = argparse.Namespace(model="SiT-S/2", encoder_depth=2, global_batch_size=256)
+    torch.save({"model": _random(official_sit_keys(64, 3, 2, 4, 10, 4), 1), "ema": sd, "opt": {}, "args": args}, path)
     m = load_official_checkpoint(str(path), "SiT-S/2", "sit", **TINY)
     assert torch.equal(m.ig_heads[0].linear.weight, sd["final_layer_xr.linear.weight"])  # ema picked, head renamed
     assert torch.equal(m.blocks[2].mlp.fc2.bias, sd["blocks.2.mlp.fc2.bias"])

@@ -36,7 +36,7 @@ def test_published_layout_keys_and_size():
 def test_random_published_state_loads_and_runs(tmp_path):
     sd = random_published_state()
     torch.save(sd, tmp_path / WEIGHTS_FILENAME)
-    model = load_inception(str(tmp_path))  # a folder resolves to the published file name
+    model = load_inception(str(tmp_path), allow_unverified=True)  # a folder resolves to the published file name
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
@@ -68,6 +68,22 @@ def test_weights_errors(tmp_path):
         InceptionV3()(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
+def test_sha256_prefix_of_the_published_name_is_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from igscale.eval import inception
+
+    torch.save(random_published_state(), tmp_path / WEIGHTS_FILENAME)
+    digest = hashlib.sha256((tmp_path / WEIGHTS_FILENAME).read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="does not start with 6726825d.*--allow-unverified-weights"):
+        load_inception(str(tmp_path))
+    info = load_inception(str(tmp_path), allow_unverified=True).igscale_info
+    assert info == {"url": str(tmp_path / WEIGHTS_FILENAME), "sha256": digest, "bytes": len(
+        (tmp_path / WEIGHTS_FILENAME).read_bytes()), "expected_sha256_prefix": "6726825d", "verified": False}
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256_PREFIX", digest[:8])  # as if this were the published file
+    assert load_inception(str(tmp_path)).igscale_info["verified"] is True
+
+
 def test_tf1_resize_grid():
     # TF1 legacy bilinear (no half-pixel centres): output i samples input at i * in/out.
     x = torch.tensor([[[[0.0, 10.0]]]]).expand(1, 1, 2, 2)
@@ -83,7 +99,7 @@ def test_load_from_s3(s3_bucket, tmp_path):
 
     torch.save(random_published_state(1), tmp_path / WEIGHTS_FILENAME)
     open_storage(f"s3://{s3_bucket}/weights").put_file(WEIGHTS_FILENAME, tmp_path / WEIGHTS_FILENAME)
-    m = load_inception(f"s3://{s3_bucket}/weights/{WEIGHTS_FILENAME}")
+    m = load_inception(f"s3://{s3_bucket}/weights/{WEIGHTS_FILENAME}", allow_unverified=True)
     assert m(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))["pool"].shape == (1, 2048)
     with pytest.raises(FileNotFoundError, match=WEIGHTS_FILENAME):
         load_inception(f"s3://{s3_bucket}/elsewhere/")

@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": "igscale.cli.sample",
     "eval": "igscale.cli.evaluate",
     "sweep": "igscale.cli.sweep",
+    "reproduce": "igscale.cli.reproduce",
     "tune": "igscale.cli.tune",
     "demo": "igscale.demo.run",
 }  # in workflow order, as `igscale --help` lists them

@@ -2,7 +2,10 @@ r"""`igscale sample`: distributed, resumable generation of an ADM-format sample 
 
 Launch with torchrun / srun / a Ray job (each rank runs this same command), e.g.
   torchrun --nproc_per_node 8 -m igscale.cli.main sample --export s3://b/run/export --preset sit-xl2-ig-cfg-fid1.46 \
-      --vae sd-vae --vae-weights /models/sd-vae-ft-ema --out s3://b/run/samples50k
+      --vae-weights /models/sd-vae-ft-ema --out s3://b/run/samples50k
+
+A --preset also sets the VAE, quantisation, label protocol and (for --checkpoint) the model and checkpoint kind;
+giving one of those flags with another value is an error. Sampler and guidance flags override the preset's.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from igscale.cli.common import run_distributed
 from igscale.core.cli_args import TypedArgParser, cli_error
 from igscale.core.typed import ConfigError, to_dict
 from igscale.distributed.env import barrier, device_for, print0
-from igscale.eval.commands import SampleConfig
+from igscale.eval.commands import SampleConfig, show_presets
+from igscale.eval.fingerprint import input_fingerprints, provenance
 from igscale.eval.generate import assemble, describe, generate
 from igscale.eval.setup import build_decoder, load_model, sampler_from_args
 
@@ -23,7 +27,7 @@ PROG = "igscale sample"
 
 def build_parser() -> TypedArgParser:
     """Flags of SampleConfig; parse_args returns a SampleConfig."""
-    return TypedArgParser(SampleConfig, prog=PROG, description=__doc__)
+    return show_presets(TypedArgParser(SampleConfig, prog=PROG, description=__doc__))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +46,7 @@ def _run(args: SampleConfig, env) -> int:
     cfg = args.generation()
     model, model_meta = load_model(args)
     sampler, guidance = sampler_from_args(args)
-    decode, dec_meta = build_decoder(args, device)
+    decode, dec_meta = build_decoder(args, device, latent_channels=model.config.in_channels)
     settings = {**model_meta, **dec_meta}
     print0(f"sampling {cfg.num_samples} ({cfg.labels} labels) on {env.world_size} rank(s): {sampler} {guidance}")
     t0 = time.perf_counter()
@@ -51,7 +55,8 @@ def _run(args: SampleConfig, env) -> int:
     if env.is_main:
         meta = {**settings, **describe(cfg), "sampler": to_dict(sampler), "guidance": to_dict(guidance),
                 "nfe_per_sample": sampler.nfe(), "label_protocol": cfg.labels, "world_size": env.world_size,
-                "seconds_last_run": round(time.perf_counter() - t0, 3)}
+                "seconds_last_run": round(time.perf_counter() - t0, 3), "preset": args.preset,
+                "fingerprints": input_fingerprints(args), "provenance": provenance()}
         assemble(args.out, cfg, meta)
     barrier()
     return 0

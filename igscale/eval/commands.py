@@ -1,8 +1,13 @@
-"""Typed configs of `igscale sample`, `igscale sweep` and `igscale eval`.
+"""Typed configs of `igscale sample`, `igscale sweep`, `igscale eval`, `igscale tune` and `igscale reproduce`.
 
 Each command's flags, defaults and help text are generated from these dataclasses (igscale.core.cli_args), and each
 section checks its values in `__post_init__`, so a bad flag fails in one line before any process group starts.
 The sections are plain dataclasses mixed into the command configs; igscale.eval.setup reads them by attribute.
+
+A `--preset` fixes more than the sampler: the model, checkpoint kind, VAE, pixel quantisation and label protocol it
+was published with (`apply_preset`). Those "identity" flags default to none, meaning the preset's value (or the
+plain default without a preset), so a flag that contradicts the preset is seen and refused instead of producing a
+plausible wrong FID.
 """
 from __future__ import annotations
 
@@ -11,14 +16,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from igscale.diffusion.presets import preset_names
+from igscale.diffusion.presets import IDENTITY_FIELDS, PRESETS, find_preset, preset_names
 from igscale.eval.generate import GenerationConfig
 
 __all__ = ["ModelSource", "DecoderArgs", "SamplerArgs", "GuidanceArgs", "GridArgs", "SampleConfig", "SweepConfig",
-           "EvalConfig", "TuneConfig"]
+           "EvalConfig", "TuneConfig", "ReproduceConfig", "apply_preset", "show_presets"]
 
-PresetName = Literal[tuple(preset_names())]  # a Literal, so --help lists the presets and the parser checks them
 Interval = tuple[float, float]
+# Unset identity fields without a preset: latents are stored undecoded, labels drawn at random.
+_PLAIN_DEFAULTS = {"vae": "none", "labels": "random"}
 
 
 def _check_interval(flag: str, v) -> None:
@@ -38,25 +44,25 @@ class ModelSource:
     export: str | None = None
     """igscale inference export: folder or s3:// prefix (model.safetensors + model_config.json)."""
     checkpoint: str | None = None
-    """Official IG checkpoint (.pt); needs --model and --checkpoint-kind."""
+    """Official IG checkpoint (.pt); needs --model and --checkpoint-kind, or a --preset that sets them."""
     model: str | None = None
-    """Registry name of the --checkpoint model, e.g. SiT-XL/2."""
+    """Registry name of the --checkpoint model, e.g. SiT-XL/2; default: the preset's."""
     checkpoint_kind: Literal["sit", "lightningdit"] | None = None
-    """Official codebase of --checkpoint."""
+    """Official codebase of --checkpoint; default: the preset's."""
 
 
 @dataclass(kw_only=True)
 class DecoderArgs:
     """decoder"""
 
-    vae: Literal["sd-vae", "va-vae-f16d32", "none"] = "none"
-    """VAE of igscale.vae (diffusers AutoencoderKL), or none to store quantised latents (latent-space runs, not
-    ADM-evaluable)."""
+    vae: Literal["sd-vae", "va-vae-f16d32", "none"] | None = None
+    """VAE of igscale.vae (diffusers AutoencoderKL); default (also for an explicit none): the preset's VAE, and
+    without a preset none, which stores quantised latents (latent-space runs, not ADM-evaluable)."""
     vae_weights: str | None = None
     """Local path / s3:// URL of the VAE weights (diffusers folder or LDM file)."""
     quantization: Literal["sit", "vavae"] | None = None
-    """Pixel quantisation (sit: 255*(x+1)/2, vavae: 127.5x+128, both truncated); default: sit for sd-vae, vavae for
-    va-vae-f16d32."""
+    """Pixel quantisation (sit: 255*(x+1)/2, vavae: 127.5x+128, both truncated); default: the preset's, else sit for
+    sd-vae and vavae for va-vae-f16d32."""
     latent_scale: float = 0.18215
     """SD-VAE: model latent = z * scale (SiT recipe)."""
     latent_stats: str | None = None
@@ -72,8 +78,9 @@ class DecoderArgs:
 class SamplerArgs:
     """sampler (a preset, then explicit overrides; unset flags keep the preset's value)"""
 
-    preset: PresetName | None = None
-    """Published sampler + guidance settings (igscale.diffusion.presets); default: igscale's sampler defaults."""
+    preset: str | None = None
+    """Published settings (igscale.diffusion.presets): sampler and guidance, and the model, checkpoint kind, VAE,
+    quantisation and labels they hold for; default: igscale's sampler defaults."""
     method: Literal["euler", "heun", "sde"] | None = None
     """Euler or Heun ODE, or the Euler-Maruyama SDE (SiT's sampler)."""
     num_steps: int | None = None
@@ -82,6 +89,8 @@ class SamplerArgs:
     """Timestep shift s > 0 (s > 1 spends more steps near noise)."""
 
     def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:  # the live dict: tests add presets at run time
+            raise ValueError(f"--preset: {self.preset!r} is not one of {', '.join(preset_names())}")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"--num-steps must be >= 1, got {self.num_steps}")
         if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
@@ -130,21 +139,70 @@ class GridArgs:
             _check_interval("--ig-interval", v)
 
 
+@dataclass(kw_only=True)
+class PresetLabels:
+    """job"""
+
+    labels: Literal["random", "balanced"] | None = None
+    """Class labels: random (seeded per sample) or balanced (num_samples / num_classes of every class); default: the
+    preset's protocol, random without a preset."""
+
+
+def apply_preset(cfg) -> None:
+    """Fill the identity fields of `cfg` that are unset (None) from its preset, or with the plain defaults without
+    one; refuse an explicit value that contradicts the preset, naming both. Fields `cfg` lacks are skipped."""
+    p = find_preset(cfg.preset) if cfg.preset else None
+    for name in IDENTITY_FIELDS:
+        if not hasattr(cfg, name):
+            continue
+        have = getattr(cfg, name)
+        want = getattr(p, name) if p else _PLAIN_DEFAULTS.get(name)
+        if have is None:
+            setattr(cfg, name, want)
+        elif p and have != want:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {have} contradicts --preset {cfg.preset}, whose {name.replace('_', ' ')} is "
+                             f"{want}; drop {flag} (it defaults to the preset's) or choose another preset")
+
+
+def _check_decoder(cfg) -> None:
+    """The decoder's inputs, once the preset has chosen the VAE (before any weights are read)."""
+    if cfg.vae != "none" and not cfg.vae_weights:
+        raise ValueError(f"--vae {cfg.vae} needs --vae-weights (a diffusers folder or LDM checkpoint; igscale never "
+                         "downloads weights)")
+    if cfg.vae == "va-vae-f16d32" and not cfg.latent_stats:
+        raise ValueError("--vae va-vae-f16d32 needs --latent-stats (the per-channel mean/std used in training, e.g. "
+                         "latents_stats.pt)")
+
+
+def show_presets(parser):
+    """List the presets registered now as --preset's choices in the help (a Literal would freeze them at import)."""
+    for action in parser._actions:
+        if action.dest == "preset":
+            action.display = "{" + ",".join(preset_names()) + "}"
+    return parser
+
+
 def _check_sections(obj) -> None:
-    """Run the `__post_init__` of every section a command config is made of (dataclass calls only the first)."""
+    """Run the `__post_init__` of every section a command config is made of (dataclass calls only the first), then
+    resolve its preset."""
     for klass in type(obj).__mro__[1:]:
         if "__post_init__" in vars(klass) and not issubclass(klass, _Job):  # sections only, not parent commands
             vars(klass)["__post_init__"](obj)
+    apply_preset(obj)
+    if hasattr(obj, "vae_weights"):
+        _check_decoder(obj)
 
 
 class _Job:
     def generation(self) -> GenerationConfig:
         """The GenerationConfig part (what igscale.eval.generate records as the job's identity)."""
-        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
+        vals = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)}
+        return GenerationConfig(**{**vals, "labels": vals["labels"] or "random"})
 
 
 @dataclass(kw_only=True)
-class SampleConfig(ModelSource, DecoderArgs, SamplerArgs, GuidanceArgs, GenerationConfig, _Job):
+class SampleConfig(ModelSource, DecoderArgs, SamplerArgs, GuidanceArgs, PresetLabels, GenerationConfig, _Job):
     out: str
     """Output folder or s3:// prefix (chunks/, samples.npz, samples.json)."""
 
@@ -153,7 +211,7 @@ class SampleConfig(ModelSource, DecoderArgs, SamplerArgs, GuidanceArgs, Generati
 
 
 @dataclass(kw_only=True)
-class SweepConfig(ModelSource, DecoderArgs, SamplerArgs, GridArgs, GenerationConfig, _Job):
+class SweepConfig(ModelSource, DecoderArgs, SamplerArgs, GridArgs, PresetLabels, GenerationConfig, _Job):
     out: str
     """Folder or s3:// prefix; one sub-folder per grid point + the report."""
     ref: str
@@ -163,6 +221,9 @@ class SweepConfig(ModelSource, DecoderArgs, SamplerArgs, GridArgs, GenerationCon
     num_samples: int = 10_000
     eval_batch_size: int = 64
     """Images per Inception forward, per rank."""
+    allow_unverified_weights: bool = False
+    """Score with an Inception file whose sha256 is not the published one (tests, the demo); metrics.json records
+    it as unverified."""
 
     def __post_init__(self):
         _check_sections(self)
@@ -192,6 +253,9 @@ class EvalConfig:
     pr_distance_dtype: Literal["float32", "float16"] = "float32"
     """Precision/recall distances in float32, or in float16 as the ADM evaluator computes them (closer to published
     P/R columns; reads slightly higher, docs/evaluation.md)."""
+    allow_unverified_weights: bool = False
+    """Score with an Inception file whose sha256 is not the published one (tests, the demo); metrics.json records
+    it as unverified."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_pr_images < 1:
@@ -201,6 +265,39 @@ class EvalConfig:
             raise ValueError("give REF and SAMPLE, or --make-ref OUT --images NPZ")
         if self.make_ref and not self.images:
             raise ValueError("--make-ref needs --images")
+
+
+@dataclass(kw_only=True)
+class ReproduceConfig(DecoderArgs, PresetLabels, GenerationConfig, _Job):
+    """`igscale reproduce`: a published number from released weights; the preset fixes every setting it depends on."""
+
+    preset: str
+    """Published setting to reproduce (igscale.diffusion.presets): sampler, guidance, model, checkpoint kind, VAE,
+    quantisation and label protocol."""
+    checkpoint: str
+    """Official IG checkpoint (.pt in the released model/ema/opt layout; its ema weights are loaded), path or s3://."""
+    model: str | None = None
+    """Registry name of the checkpoint's model; default: the preset's (another value is refused)."""
+    checkpoint_kind: Literal["sit", "lightningdit"] | None = None
+    """Official codebase of the checkpoint; default: the preset's (another value is refused)."""
+    ref: str
+    """ADM reference batch npz, e.g. VIRTUAL_imagenet256_labeled.npz (path or s3://)."""
+    inception: str
+    """Path, folder or s3:// URL of pt_inception-2015-12-05-6726825d.pth."""
+    out: str
+    """Output folder or s3:// prefix: chunks/, samples.npz, samples.json, metrics.json."""
+    eval_batch_size: int = 64
+    """Images per Inception forward, per rank."""
+    allow_unverified_weights: bool = False
+    """Score with an Inception file whose sha256 is not the published one (tests, the demo); metrics.json records
+    it as unverified."""
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset: {self.preset!r} is not one of {', '.join(preset_names())}")
+        _check_sections(self)
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ Outputs: pool3 (N, 2048), logits (N, 1008), spatial (N, 2023) = the first 7 chan
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -20,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["InceptionV3", "load_inception", "WEIGHTS_FILENAME", "WEIGHTS_URL",
+__all__ = ["InceptionV3", "load_inception", "WEIGHTS_FILENAME", "WEIGHTS_URL", "WEIGHTS_SHA256_PREFIX",
            "tf1_resize_bilinear"]
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+# The published name ends in the first 8 hex digits of the file's sha256 (torch hub's check_hash convention).
+WEIGHTS_SHA256_PREFIX = "6726825d"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
 
 
@@ -212,7 +215,8 @@ def _missing_weights_error(url: str) -> FileNotFoundError:
     )
 
 
-def _read_weights(url: str) -> bytes:
+def _read_weights(url: str) -> tuple[bytes, str]:
+    """(file bytes, the URL or path actually read: a folder resolves to the published file name in it)."""
     if url.startswith("s3://"):
         from igscale.storage import split_url
 
@@ -220,7 +224,7 @@ def _read_weights(url: str) -> bytes:
             url += WEIGHTS_FILENAME
         store, name = split_url(url)
         try:
-            return store.get_bytes(name)
+            return store.get_bytes(name), url
         except FileNotFoundError as e:
             raise _missing_weights_error(url) from e
     path = url[len("file://"):] if url.startswith("file://") else url
@@ -229,12 +233,19 @@ def _read_weights(url: str) -> bytes:
     if not os.path.isfile(path):
         raise _missing_weights_error(path)
     with open(path, "rb") as f:
-        return f.read()
+        return f.read(), path
 
 
-def load_inception(url: str, device: torch.device | str = "cpu") -> InceptionV3:
-    """Build InceptionV3 and load the published FID weights from a local path/dir or an s3:// URL (strict keys)."""
-    state = torch.load(io.BytesIO(_read_weights(url)), map_location="cpu", weights_only=True)
+def load_inception(url: str, device: torch.device | str = "cpu", *, allow_unverified: bool = False) -> InceptionV3:
+    """Build InceptionV3 and load the published FID weights from a local path/dir or an s3:// URL (strict keys).
+
+    The file's sha256 must start with WEIGHTS_SHA256_PREFIX, as for the published file: other weights in the same
+    layout (a re-conversion, a random file) give other numbers under the same name. allow_unverified: load them
+    anyway. The returned module carries `igscale_info` = {url, sha256, bytes, expected_sha256_prefix, verified}.
+    """
+    data, where = _read_weights(url)
+    digest = hashlib.sha256(data).hexdigest()
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{url}: expected a state dict in the pytorch-fid layout, got {type(state).__name__}")
     model = InceptionV3()
@@ -252,5 +263,13 @@ def load_inception(url: str, device: torch.device | str = "cpu") -> InceptionV3:
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         raise ValueError(f"{url}: wrong tensor shapes for {bad[:5]}")
+    verified = digest.startswith(WEIGHTS_SHA256_PREFIX)
+    if not verified and not allow_unverified:
+        raise ValueError(
+            f"{where}: sha256 {digest[:16]}... does not start with {WEIGHTS_SHA256_PREFIX}, so these are not the "
+            f"published {WEIGHTS_FILENAME} and their FIDs are not comparable to published ones; pass "
+            "--allow-unverified-weights to score with them anyway (recorded as unverified)")
     model.load_state_dict(state, strict=False)
+    model.igscale_info = {"url": where, "sha256": digest, "bytes": len(data),
+                          "expected_sha256_prefix": WEIGHTS_SHA256_PREFIX, "verified": verified}
     return model.eval().to(device)

@@ -1,4 +1,5 @@
-"""Shared composition for `igscale sample` and `igscale sweep`: model source, sampler settings, decoder.
+"""Shared composition for `igscale sample`, `sweep`, `tune` and `reproduce`: model source, sampler settings,
+decoder, Inception scorer.
 
 Each function reads the fields of one section of igscale.eval.commands (ModelSource, SamplerArgs + GuidanceArgs,
 DecoderArgs) by attribute, so it takes a command config or any object with those attributes.
@@ -11,18 +12,18 @@ import torch
 
 from igscale.core.typed import from_dict, to_dict
 from igscale.diffusion.guidance import GuidanceConfig
-from igscale.diffusion.presets import get_preset
+from igscale.diffusion.presets import find_preset, get_preset
 from igscale.diffusion.samplers import SamplerConfig
 from igscale.eval.generate import latents_to_uint8
 
-__all__ = ["load_model", "sampler_from_args", "build_decoder"]
+__all__ = ["load_model", "sampler_from_args", "build_decoder", "load_scorer"]
 
 
 def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[SamplerConfig, GuidanceConfig]:
     """Preset (or defaults) with explicit flags applied; guidance flags are skipped when they are sweep axes."""
     s, g = get_preset(args.preset) if args.preset else (SamplerConfig(), GuidanceConfig())
-    s_over = {k: v for k, v in (("method", args.method), ("num_steps", args.num_steps), ("shift", args.shift))
-              if v is not None}
+    s_over = {k: getattr(args, k, None) for k in ("method", "num_steps", "shift")}  # reproduce has no such flags
+    s_over = {k: v for k, v in s_over.items() if v is not None}
     g_over = {k: getattr(args, k, None) for k in ("w_cfg", "cfg_interval", "w_ig", "ig_interval")
               if guidance_overrides}
     g_over = {k: list(v) if isinstance(v, list | tuple) else v for k, v in g_over.items() if v is not None}
@@ -32,19 +33,25 @@ def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[Sampler
 
 def load_model(args) -> tuple[torch.nn.Module, dict]:
     """Build the model from --export or --checkpoint; returns (model in eval mode, JSON description)."""
-    if bool(args.export) == bool(args.checkpoint):
+    export = getattr(args, "export", None)
+    if bool(export) == bool(args.checkpoint):
         raise ValueError("give exactly one of --export (igscale inference export) or --checkpoint (official .pt)")
-    if args.export:
+    if export:
         from igscale.eval.export_io import load_export
 
-        model = load_export(args.export)
-        src = {"export": args.export}
+        model = load_export(export)
+        src = {"export": export}
     else:
         if not (args.model and args.checkpoint_kind):
-            raise ValueError("--checkpoint needs --model (e.g. SiT-XL/2) and --checkpoint-kind (sit|lightningdit)")
+            raise ValueError("--checkpoint needs --model (e.g. SiT-XL/2) and --checkpoint-kind (sit|lightningdit), "
+                             "or a --preset that sets them")
+        from igscale.eval.evaluate import fetch_local
         from igscale.models.convert import load_official_checkpoint
 
-        model = load_official_checkpoint(args.checkpoint, args.model, args.checkpoint_kind)
+        preset = getattr(args, "preset", None)
+        overrides = find_preset(preset).model_overrides if preset else {}
+        with fetch_local(args.checkpoint) as path:  # an s3:// checkpoint is read from a temporary copy
+            model = load_official_checkpoint(path, args.model, args.checkpoint_kind, **overrides)
         src = {"checkpoint": args.checkpoint, "checkpoint_kind": args.checkpoint_kind}
     # the content, not the URL: re-exporting other weights to the same URL must not extend an old sampling job
     return model.eval(), {"source": src, "model_config": to_dict(model.config), "weights_sha256": state_sha256(model)}
@@ -62,7 +69,7 @@ def state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _latent_norm(args):
+def _latent_norm(args, channels: int):
     from igscale.latents.norm import LatentNorm
 
     if args.vae == "sd-vae":
@@ -82,23 +89,34 @@ def _latent_norm(args):
         raise ValueError(f"{args.latent_stats}: expected latent stats with 'mean' and 'std'")
     mean = torch.as_tensor(stats["mean"], dtype=torch.float32).flatten()
     std = torch.as_tensor(stats["std"], dtype=torch.float32).flatten()
+    if mean.numel() != channels or std.numel() != channels:  # stats of another VAE would broadcast or fail late
+        raise ValueError(f"{args.latent_stats}: latent stats have {mean.numel()} mean / {std.numel()} std values, "
+                         f"but {args.vae} latents have {channels} channels")
     import hashlib
 
     digest = hashlib.sha256(mean.numpy().tobytes() + std.numpy().tobytes()).hexdigest()
     return LatentNorm.per_channel(mean, std), {"latent_norm": {"stats": args.latent_stats, "sha256": digest}}
 
 
-def build_decoder(args, device) -> tuple:
-    """(decode(model latents) -> uint8 NHWC numpy, JSON description)."""
-    if args.vae == "none":
+def build_decoder(args, device, *, latent_channels: int | None = None) -> tuple:
+    """(decode(model latents) -> uint8 NHWC numpy, JSON description).
+
+    latent_channels: the model's input channels; a VAE with other latent channels is refused (SD-VAE has 4,
+    VA-VAE f16d32 32), since its decode would fail late or, through broadcasting, not at all.
+    """
+    if (args.vae or "none") == "none":
         return latents_to_uint8, {"vae": "none", "quantization": "127.5x+128 (latents)"}
-    from igscale.vae import build_vae, decode_to_uint8  # the latent pipeline's adapter around diffusers
+    from igscale.vae import VAE_KINDS, build_vae, decode_to_uint8  # the latent pipeline's adapter around diffusers
 
     if not args.vae_weights:
         raise ValueError(f"--vae {args.vae} needs --vae-weights (a diffusers folder or LDM checkpoint; "
                          "igscale never downloads weights)")
+    channels = VAE_KINDS[args.vae]["latent_channels"]
+    if latent_channels is not None and latent_channels != channels:
+        raise ValueError(f"the model takes {latent_channels}-channel latents but --vae {args.vae} has {channels} "
+                         "latent channels; pair the model with the VAE it was trained on")
     quant = args.quantization or ("sit" if args.vae == "sd-vae" else "vavae")
-    norm, norm_meta = _latent_norm(args)
+    norm, norm_meta = _latent_norm(args, channels)
     vae = build_vae(args.vae, args.vae_weights, device=device)
 
     def decode(lat):
@@ -107,3 +125,16 @@ def build_decoder(args, device) -> tuple:
     info = getattr(vae, "igscale_info", {})
     return decode, {"vae": args.vae, "vae_weights": args.vae_weights, "vae_sha256": info.get("weights_sha256"),
                     "quantization": quant, **norm_meta}
+
+
+def load_scorer(url: str, device, allow_unverified: bool = False):
+    """The FID Inception net; weights that are not the published file (only with --allow-unverified-weights) are
+    announced on rank 0 and recorded as unverified by the caller."""
+    from igscale.distributed.env import print0
+    from igscale.eval.inception import load_inception
+
+    inception = load_inception(url, device, allow_unverified=allow_unverified)
+    if not inception.igscale_info["verified"]:
+        print0(f"warning: {url} is not the published Inception file (sha256 {inception.igscale_info['sha256'][:16]}"
+               "...): its metrics are not comparable to published ones and are recorded as unverified")
+    return inception

@@ -9,6 +9,7 @@ Checkpoints are read with torch.load(weights_only=True): no pickled code runs.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Any
@@ -111,7 +112,9 @@ def load_official_checkpoint(
     if kind == "lightningdit":
         overrides = {"time_convention": "noise_at_0", "ig_head_init": "xavier", **overrides}
     cfg = model_config(model_name, **overrides)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # The official SiT trainer stores its argparse Namespace under "args": allow exactly that class, nothing else.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     sd = convert_official_state_dict(select_weights(ckpt, which))
     model = build_model_from_config(cfg)
     load_state_dict_strict(model, sd)
