@@ -21,3 +21,17 @@ def run_distributed(prog: str, run: Callable[[DistEnv], int], *, timeout_s: floa
         return 2
     finally:
         destroy_distributed()
+
+
+def typed_main(prog: str, build_parser: Callable, run: Callable, argv: list[str] | None,
+               timeout_s: float | None = 4 * 3600) -> int:
+    """Parse `argv` into the command's typed config (a bad flag: one line, exit 2, before any process group),
+    then `run(config, env)` under `run_distributed`."""
+    from igscale.core.cli_args import cli_error
+    from igscale.core.typed import ConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as e:
+        return cli_error(prog, e)
+    return run_distributed(prog, lambda env: run(args, env), timeout_s=timeout_s)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 
-from igscale.cli.common import run_distributed
-from igscale.core.cli_args import TypedArgParser, cli_error
-from igscale.core.typed import ConfigError
+from igscale.cli.common import typed_main
+from igscale.core.cli_args import TypedArgParser
 from igscale.distributed.env import device_for
 from igscale.eval.commands import EvalConfig
 from igscale.eval.evaluate import evaluate_npz, fetch_local, make_reference_batch
@@ -35,11 +34,7 @@ def write_json(url: str, obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except ConfigError as e:
-        return cli_error(PROG, e)
-    return run_distributed(PROG, lambda env: _run(args, env))
+    return typed_main(PROG, build_parser, _run, argv, timeout_s=None)
 
 
 def _run(args: EvalConfig, env) -> int:

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
-from igscale.cli.common import run_distributed
-from igscale.core.cli_args import TypedArgParser, cli_error
-from igscale.core.typed import ConfigError, to_dict
+from igscale.cli.common import typed_main
+from igscale.core.cli_args import TypedArgParser
+from igscale.core.typed import to_dict
 from igscale.diffusion.presets import find_preset
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.commands import ReproduceConfig, show_presets
@@ -28,7 +26,7 @@ from igscale.eval.evaluate import evaluate_npz, fetch_local
 from igscale.eval.fingerprint import file_fingerprint, input_fingerprints, provenance, scoring_record
 from igscale.eval.generate import SAMPLES_NPZ, assemble, describe, generate
 from igscale.eval.npz import validate_ref_npz
-from igscale.eval.setup import build_decoder, load_model, load_scorer, sampler_from_args
+from igscale.eval.setup import build_decoder, load_model, load_scorer, sampler_from_args, sampling_precision
 from igscale.storage import open_storage
 
 PROG = "igscale reproduce"
@@ -41,17 +39,11 @@ def build_parser() -> TypedArgParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except ConfigError as e:
-        return cli_error(PROG, e)
-    return run_distributed(PROG, lambda env: _run(args, env), timeout_s=4 * 3600)
+    return typed_main(PROG, build_parser, _run, argv)
 
 
 def _run(args: ReproduceConfig, env) -> int:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the official samplers (fp32 model with TF32)
-        torch.backends.cudnn.allow_tf32 = True
+    sampling_precision()
     device = device_for(env)
     preset = find_preset(args.preset)
     cfg = args.generation()

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from igscale.cli.common import run_distributed
-from igscale.core.cli_args import TypedArgParser, cli_error
-from igscale.core.typed import ConfigError, to_dict
+from igscale.cli.common import typed_main
+from igscale.core.cli_args import TypedArgParser
+from igscale.core.typed import to_dict
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.commands import SampleConfig, show_presets
 from igscale.eval.fingerprint import input_fingerprints, provenance
 from igscale.eval.generate import assemble, describe, generate
-from igscale.eval.setup import build_decoder, load_model, sampler_from_args
+from igscale.eval.setup import build_decoder, load_model, sampler_from_args, sampling_precision
 
 PROG = "igscale sample"
 
@@ -31,17 +29,11 @@ def build_parser() -> TypedArgParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except ConfigError as e:
-        return cli_error(PROG, e)
-    return run_distributed(PROG, lambda env: _run(args, env), timeout_s=4 * 3600)
+    return typed_main(PROG, build_parser, _run, argv)
 
 
 def _run(args: SampleConfig, env) -> int:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the official samplers (fp32 model with TF32)
-        torch.backends.cudnn.allow_tf32 = True
+    sampling_precision()
     device = device_for(env)
     cfg = args.generation()
     model, model_meta = load_model(args)

@@ -7,9 +7,9 @@ r"""`igscale sweep`: one distributed job that samples and scores a grid of guida
 """
 from __future__ import annotations
 
-from igscale.cli.common import run_distributed
-from igscale.core.cli_args import TypedArgParser, cli_error
-from igscale.core.typed import ConfigError, to_dict
+from igscale.cli.common import typed_main
+from igscale.core.cli_args import TypedArgParser
+from igscale.core.typed import to_dict
 from igscale.distributed.env import print0
 from igscale.eval.commands import SweepConfig, show_presets
 from igscale.eval.evaluate import fetch_local
@@ -27,11 +27,7 @@ def build_parser() -> TypedArgParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except ConfigError as e:
-        return cli_error(PROG, e)
-    return run_distributed(PROG, lambda env: _run(args, env), timeout_s=4 * 3600)
+    return typed_main(PROG, build_parser, _run, argv)
 
 
 def _run(args: SweepConfig, env) -> int:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from igscale.cli.common import run_distributed
-from igscale.core.cli_args import TypedArgParser, cli_error
-from igscale.core.typed import ConfigError, to_dict
+from igscale.cli.common import typed_main
+from igscale.core.cli_args import TypedArgParser
+from igscale.core.typed import to_dict
 from igscale.distributed.env import print0
 from igscale.eval.commands import TuneConfig, show_presets
 from igscale.eval.evaluate import fetch_local
@@ -35,11 +35,7 @@ def build_parser() -> TypedArgParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except ConfigError as e:
-        return cli_error(PROG, e)
-    return run_distributed(PROG, lambda env: _run(args, env), timeout_s=4 * 3600)
+    return typed_main(PROG, build_parser, _run, argv)
 
 
 def _run(args: TuneConfig, env) -> int:

@@ -16,7 +16,7 @@ from igscale.diffusion.presets import find_preset, get_preset
 from igscale.diffusion.samplers import SamplerConfig
 from igscale.eval.generate import latents_to_uint8
 
-__all__ = ["load_model", "sampler_from_args", "build_decoder", "load_scorer"]
+__all__ = ["sampling_precision", "load_model", "sampler_from_args", "build_decoder", "load_scorer"]
 
 
 def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[SamplerConfig, GuidanceConfig]:
@@ -29,6 +29,13 @@ def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[Sampler
     g_over = {k: list(v) if isinstance(v, list | tuple) else v for k, v in g_over.items() if v is not None}
     return (from_dict(SamplerConfig, {**to_dict(s), **s_over}),
             from_dict(GuidanceConfig, {**to_dict(g), **g_over}))
+
+
+def sampling_precision() -> None:
+    """TF32 matmuls and convolutions on CUDA while sampling, as the official samplers run their fp32 models."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def load_model(args) -> tuple[torch.nn.Module, dict]:
