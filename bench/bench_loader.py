@@ -1,18 +1,22 @@
-"""Loader throughput from a local SeaweedFS S3 server vs raw S3 GET of the same shards, in one run.
+"""Loader throughput from a local SeaweedFS S3 server vs raw S3 GET of the same shards, before and after the rewrite
+of issue #15 item 5, side by side in one run.
 
 Writes synthetic latent shards in the two stored layouts, each with a manifest:
   * SiT recipe: posterior mean+std, 4x32x32 float32 (SD-VAE 256px), ~33 KB/sample;
   * LightningDiT recipe: sample + mirrored sample, 32x16x16 bfloat16 (VA-VAE f16d32 256px), ~33 KB/sample.
 For each configuration, `--repeats` times: raw GET MB/s (the same shards streamed by `workers` boto3 readers,
-nothing else), then one LatentLoader epoch (`workers` workers, batch `--batch`, shuffle window 1000):
-  * finish_on="device" (the trainer's default on CUDA): the workers read, parse, shuffle, batch and (sample_flip)
-    choose sample or mirror; the batch carries the stored latents (+ a noise seed) and `LatentLoader.to_device`
-    draws the posterior sample and normalises on the training GPU, so that step is not loader work here;
+nothing else), then one epoch of the legacy loader (bench/legacy_loader: the loader before the rewrite) and one of
+igscale.latents.loader.LatentLoader, in alternating order (`workers` workers, batch `--batch`, shuffle window 1000):
+  * finish_on="device" (the trainer's default on CUDA): the workers read and parse, the batches carry the stored
+    latents (+ noise seeds / flip choices) and `LatentLoader.to_device` draws the posterior sample and normalises
+    on the training GPU, so that step is not loader work here;
   * finish_on="workers": the workers also draw the posterior (4096 Gaussians per sample on CPU) and normalise
     to float32, with thread and with process (torch DataLoader) workers.
-Each configuration keeps one loader across its epochs, as a trainer does. Reports medians over repeats of
-samples/s and MB/s for the whole epoch (incl. worker start and the first shuffle-window fill) and for the middle
-80% of its samples (steady state), and the ratio to raw GET measured in the same repeat.
+Per layout it also times raw GET streams parsed by the standard library's tarfile ('r|', members read, nothing
+else): the ceiling of a loader that reads with tarfile alone.
+Each configuration keeps one loader of each kind across its epochs, as a trainer does. Reports medians over repeats
+of samples/s for the whole epoch (incl. worker start and the first shuffle-window fill), and the ratio of MB/s to
+raw GET measured in the same repeat, for the whole epoch and for the middle 80% of its samples (steady state).
 
 Two CPU placements, one after the other in the same run (`--placement`):
   * shared: the S3 server and this process (raw GET or loader) share every CPU, so each CPU cycle the client
@@ -22,6 +26,9 @@ Two CPU placements, one after the other in the same run (`--placement`):
 
     python bench/bench_loader.py [--shards 16] [--per-shard 2000] [--workers 2] [--batch 256] [--repeats 3]
                                  [--placement shared,separate]
+
+`--local-cpu` instead reads the same datasets from local files (page cache: no server, no network noise) on the
+benchmark's last CPU and reports each loader's process CPU time per sample (user + system), median over repeats.
 """
 from __future__ import annotations
 
@@ -29,7 +36,10 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
+import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +47,13 @@ from pathlib import Path
 
 import torch
 
-from igscale.demo.local_s3 import start_s3_server
-from igscale.latents.format import FORMAT, encode_array, sample_key, shard_key, write_tar
-from igscale.latents.loader import LatentLoader
-from igscale.storage import S3Storage
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: bench.legacy_loader
+
+from bench.legacy_loader.loader import LatentLoader as LegacyLoader  # noqa: E402
+from igscale.demo.local_s3 import start_s3_server  # noqa: E402
+from igscale.latents.format import FORMAT, encode_array, sample_key, shard_key, write_tar  # noqa: E402
+from igscale.latents.loader import LatentLoader  # noqa: E402
+from igscale.storage import LocalStorage, S3Storage  # noqa: E402
 
 LAYOUTS = {  # mode -> (fields, shape, stored dtype, vae kind)
     "mean_std": (("mean", "std"), (4, 32, 32), "float32", "sd-vae"),
@@ -74,10 +87,16 @@ def write_dataset(store: S3Storage, shards: int, per_shard: int, mode: str = "me
     return total
 
 
-def raw_get(store: S3Storage, keys: list[str], workers: int) -> float:
+def raw_get(store: S3Storage, keys: list[str], workers: int, parse: bool = False) -> float:
+    """MB/s of `workers` boto3 streams reading the shards; parse: through tarfile ('r|'), every member read."""
     def read(k):
-        n = 0
-        body = store.client.get_object(Bucket=store.bucket, Key=f"{store.prefix}/{k}")["Body"]
+        resp = store.client.get_object(Bucket=store.bucket, Key=f"{store.prefix}/{k}")
+        body, n = resp["Body"], 0
+        if parse:
+            with tarfile.open(fileobj=body, mode="r|") as tar:
+                for m in tar:
+                    tar.extractfile(m).read()
+            return resp["ContentLength"]
         while chunk := body.read(1 << 20):
             n += len(chunk)
         return n
@@ -97,7 +116,7 @@ def pin(pid: int, cpus: set[int]) -> None:
             pass
 
 
-def loader_epoch(ld: LatentLoader) -> tuple[float, float, int, int]:
+def loader_epoch(ld: LatentLoader | LegacyLoader) -> tuple[float, float, int, int]:
     """One epoch of a loader kept across repeats, as a trainer keeps it. Returns (seconds for the whole epoch,
     seconds for the middle 80% of its samples, samples, samples in that middle part). The middle part leaves
     out worker start and the first shuffle-window fill (and the samples read ahead during it) and the drain."""
@@ -123,6 +142,33 @@ CONFIGS = {  # name -> (dataset mode, LatentLoader keywords)
 }
 
 
+def local_cpu(a: argparse.Namespace) -> None:
+    """Process CPU time per sample of each loader kind per configuration, reading local files."""
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    torch.set_num_threads(1)
+    kinds = {"legacy": LegacyLoader, "new": LatentLoader}
+    with tempfile.TemporaryDirectory() as d:
+        for mode in LAYOUTS:
+            write_dataset(LocalStorage(f"{d}/{mode}"), a.shards, a.per_shard, mode)
+        print(f"{a.shards} shards x {a.per_shard} samples per layout from local files, {a.workers} workers, batch "
+              f"{a.batch}, 1 CPU; CPU us per sample, median of {a.repeats} epochs (after one warm-up epoch)")
+        print("| configuration | legacy | new |")
+        print("|---|---|---|")
+        for name, (mode, kw) in CONFIGS.items():
+            cpu = {}
+            for kind, cls in kinds.items():
+                ld = cls(f"{d}/{mode}/manifest.json", batch_size=a.batch, rank=0, world_size=1,
+                         num_workers=a.workers, shuffle_buffer=1000, **kw)
+                xs = []
+                for _ in range(a.repeats + 1):
+                    r0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                    n = loader_epoch(ld)[2]
+                    r1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                    xs.append(sum(b.ru_utime - a_.ru_utime + b.ru_stime - a_.ru_stime for a_, b in zip(r0, r1)) / n)
+                cpu[kind] = statistics.median(xs[1:]) * 1e6
+            print(f"| {name} | {cpu['legacy']:.1f} | {cpu['new']:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=int, default=16)
@@ -131,15 +177,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--placement", default="shared,separate", help="comma list of shared, separate")
+    p.add_argument("--local-cpu", action="store_true", help="CPU time per sample from local files instead")
     a = p.parse_args()
+    if a.local_cpu:
+        return local_cpu(a)
     placements = a.placement.split(",")
     cpus = sorted(os.sched_getaffinity(0))
     if not set(placements) <= {"shared", "separate"}:
         p.error(f"--placement takes shared and/or separate, got {a.placement!r}")
     if "separate" in placements and len(cpus) < 2:
         p.error("--placement separate needs at least 2 CPUs")
-    res = {(pl, name): [] for pl in placements for name in CONFIGS}
-    raws = {(pl, mode): [] for pl in placements for mode in LAYOUTS}
+    kinds = {"legacy": LegacyLoader, "new": LatentLoader}
+    res = {(pl, name, kind): [] for pl in placements for name in CONFIGS for kind in kinds}
+    raws = {(pl, name): [] for pl in placements for name in [*CONFIGS, *LAYOUTS]}
+    tars = {(pl, mode): [] for pl in placements for mode in LAYOUTS}
     with tempfile.TemporaryDirectory() as d:
         server = start_s3_server(Path(d))
         try:
@@ -150,10 +201,10 @@ def main() -> None:
             keys = [shard_key(k) for k in range(a.shards)]
             for mode in LAYOUTS:
                 raw_get(stores[mode], keys, a.workers)  # warm server caches for both sides alike
-            loaders = {name: LatentLoader(f"s3://{bucket}/{mode}/manifest.json", batch_size=a.batch, rank=0,
-                                          world_size=1, num_workers=a.workers, shuffle_buffer=1000,
-                                          endpoint_url=server.endpoint_url, **kw)
-                       for name, (mode, kw) in CONFIGS.items()}
+            loaders = {(name, kind): cls(f"s3://{bucket}/{mode}/manifest.json", batch_size=a.batch, rank=0,
+                                         world_size=1, num_workers=a.workers, shuffle_buffer=1000,
+                                         endpoint_url=server.endpoint_url, **kw)
+                       for name, (mode, kw) in CONFIGS.items() for kind, cls in kinds.items()}
             # Configuration by configuration (raw GET re-measured before every epoch): a process-worker epoch forks,
             # and after a fork every page the parent writes takes a copy-on-write fault once, which would land on
             # the next configuration's buffers.
@@ -161,31 +212,40 @@ def main() -> None:
                 pin(server.pid, set(cpus[:1]) if pl == "separate" else set(cpus))
                 pin(os.getpid(), set(cpus[1:]) if pl == "separate" else set(cpus))
                 torch.set_num_threads(len(os.sched_getaffinity(0)))  # intra-op threads = this process's CPUs
-                for name, (mode, _kw) in CONFIGS.items():
+                for mode in LAYOUTS:
                     for _ in range(a.repeats):
+                        raws[pl, mode].append(raw_get(stores[mode], keys, a.workers))
+                        tars[pl, mode].append(raw_get(stores[mode], keys, a.workers, parse=True))
+                for name, (mode, _kw) in CONFIGS.items():
+                    for r in range(a.repeats):
                         raw = raw_get(stores[mode], keys, a.workers)
-                        raws[pl, mode].append(raw)
-                        dt, dt_steady, n, n_steady = loader_epoch(loaders[name])
-                        assert n == a.shards * a.per_shard
-                        mbs, mbs_steady = totals[mode] / dt, totals[mode] * n_steady / n / dt_steady
-                        res[pl, name].append((n / dt, mbs, n_steady / dt_steady, mbs_steady, mbs / raw,
-                                              mbs_steady / raw))
+                        raws[pl, name].append(raw)
+                        for kind in list(kinds)[::1 if r % 2 else -1]:  # alternate which loader follows raw GET
+                            dt, dt_steady, n, n_steady = loader_epoch(loaders[name, kind])
+                            assert n == a.shards * a.per_shard
+                            mbs, mbs_steady = totals[mode] / dt, totals[mode] * n_steady / n / dt_steady
+                            res[pl, name, kind].append((n / dt, mbs / raw, mbs_steady / raw))
         finally:
             server.stop()
-    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    med = statistics.median
     print(f"{a.shards} shards x {a.per_shard} samples per layout ({totals['mean_std'] / 1e6:.0f} MB and "
           f"{totals['sample_flip'] / 1e6:.0f} MB), {a.workers} workers, batch {a.batch}, shuffle window 1000, "
           f"median of {a.repeats}; {len(cpus)} CPUs")
-    print("| CPUs | path | whole epoch samples/s | MB/s | ratio to raw GET | middle 80% samples/s | MB/s | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| CPUs | shards | raw GET MB/s | raw GET parsed by tarfile, MB/s | ratio |")
+    print("|---|---|---|---|---|")
     for pl in placements:
         for mode in LAYOUTS:
-            print(f"| {pl} | raw boto3 GET, {mode} shards ({a.workers} streams) | - | "
-                  f"{statistics.median(raws[pl, mode]) / 1e6:.0f} | 1 | - | - | - |")
+            ratio = med(t / r for t, r in zip(tars[pl, mode], raws[pl, mode]))
+            print(f"| {pl} | {mode} | {med(raws[pl, mode]) / 1e6:.0f} | {med(tars[pl, mode]) / 1e6:.0f} | {ratio:.2f} |")
+    print()
+    print("| CPUs | configuration | raw GET MB/s | legacy samples/s | legacy ratio | legacy ratio, middle 80% | "
+          "new samples/s | new ratio | new ratio, middle 80% |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for pl in placements:
         for name in CONFIGS:
-            xs = res[pl, name]
-            print(f"| {pl} | LatentLoader: {name} | {med(xs, 0):.0f} | {med(xs, 1) / 1e6:.0f} | {med(xs, 4):.2f} | "
-                  f"{med(xs, 2):.0f} | {med(xs, 3) / 1e6:.0f} | {med(xs, 5):.2f} |")
+            cols = [f"{med(x[0] for x in xs):.0f} | {med(x[1] for x in xs):.2f} | {med(x[2] for x in xs):.2f}"
+                    for xs in (res[pl, name, "legacy"], res[pl, name, "new"])]
+            print(f"| {pl} | {name} | {med(raws[pl, name]) / 1e6:.0f} | {cols[0]} | {cols[1]} |")
 
 
 if __name__ == "__main__":

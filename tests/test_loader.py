@@ -104,9 +104,8 @@ def test_same_seed_same_stream_and_num_workers_0(flip_dataset):
 def test_resume_equals_uninterrupted_stream(flip_dataset):
     bucket, _ = flip_dataset
     full = list(_epochs(_loader(bucket, batch_size=3), 2))
-    n0 = _loader(bucket, batch_size=3).batches_per_epoch(epoch=0)
-    # mid-epoch, inside the end-of-epoch tail batches, exactly at the boundary, and in the next epoch
-    for k in sorted({1, 3, n0 - 1, n0, n0 + 2}):
+    assert len(full) == 2 * 8  # 24 samples a epoch: 8 batches of 3
+    for k in range(len(full)):  # every cut: mid-window, at window ends, the short last window, the epoch boundary
         ld = _loader(bucket, batch_size=3)
         got = list(itertools.islice(_epochs(ld, 2), k))
         state = json.loads(json.dumps(ld.state_dict()))  # must survive a checkpoint round trip
@@ -142,39 +141,15 @@ def test_truncated_and_garbage_shards(flip_dataset):
     good = {k for i, s in enumerate(m["shards"]) if i not in (1, 3)
             for k in range(s["first_index"], s["last_index"] + 1)}
     assert good <= set(keys) and len(keys) == len(set(keys))  # other shards complete, nothing duplicated
+    ld = mk(on_corrupt="skip")
+    got = [b["key"].tolist() for b in itertools.islice(ld, 2)]
+    fresh = mk(on_corrupt="skip")
+    fresh.load_state_dict(ld.state_dict())
+    got += [b["key"].tolist() for b in fresh]
+    assert sum(got, []) == keys  # the same skips on resume: the same stream
 
 
-def test_tar_reader_matches_tarfile():
-    """The loader's tar parser against Python's tarfile on shards with ustar and pax (long name) members."""
-    import io
-    import os
-    import tarfile
-
-    from igscale.latents.format import TarFormatError, iter_tar_samples, write_tar
-
-    samples = [{"__key__": f"{i:09d}", "cls": b"7", "mean.npy": os.urandom(100 + 37 * i), "std.npy": b""}
-               for i in range(6)]
-    data = write_tar(samples)
-    assert list(iter_tar_samples(io.BytesIO(data))) == samples
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        assert t.getnames() == [f"{s['__key__']}.{e}" for s in samples for e in ("cls", "mean.npy", "std.npy")]
-    buf = io.BytesIO()
-    long = "d" * 150 + "/000000001"
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for ext, payload in (("cls", b"3"), ("mean.npy", b"abc")):
-            info = tarfile.TarInfo(f"{long}.{ext}")
-            info.size = len(payload)
-            t.addfile(info, io.BytesIO(payload))
-    assert list(iter_tar_samples(io.BytesIO(buf.getvalue()))) == [{"__key__": long, "cls": b"3", "mean.npy": b"abc"}]
-    bad = bytearray(data)
-    bad[10] ^= 0xFF  # damage a header byte
-    with pytest.raises(TarFormatError, match="checksum"):
-        list(iter_tar_samples(io.BytesIO(bytes(bad))))
-    with pytest.raises(TarFormatError, match="end of data"):
-        list(iter_tar_samples(io.BytesIO(data[:700])))
-
-
-# ---------------------------------------------------------------------------------------------- block reader
+# ---------------------------------------------------------------------------------------------- shard reader
 def _shard(n: int, dtype: str = "float32", first: int = 0, seed: int = 0) -> tuple[bytes, list[dict]]:
     from igscale.latents.format import encode_array, sample_key, write_tar
 
@@ -185,54 +160,65 @@ def _shard(n: int, dtype: str = "float32", first: int = 0, seed: int = 0) -> tup
     return write_tar(samples), samples
 
 
-def _blocks(data: bytes, chunk: int) -> tuple[list[int], list[int], list]:
+def _read(data: bytes) -> tuple[list[int], list[int], list]:
     import io
 
-    from igscale.latents.reader import read_sample_blocks
+    from igscale.latents.loader import read_shard
 
     keys, labels, arrays = [], [], []
-    for b in read_sample_blocks(io.BytesIO(data), ("mean", "std"), chunk_bytes=chunk):
-        keys += b.keys.tolist()
-        labels += b.labels.tolist()
-        arrays += [(m.copy(), s.copy()) for m, s in zip(*b.arrays)]
+    for k, y, (m, s) in read_shard(io.BufferedReader(io.BytesIO(data)), ("mean", "std")):
+        keys += k.tolist()
+        labels += y.tolist()
+        arrays += [(a.copy(), b.copy()) for a, b in zip(m, s)]
     return keys, labels, arrays
 
 
-def test_block_reader_equals_member_parser():
-    """The vectorised reader yields exactly what the member-by-member parser yields, for every way a chunk can
-    cut a record, and for both stored dtypes."""
-    import io
-
-    from igscale.latents.format import iter_tar_samples, npy_view
-
-    for dtype in ("float32", "bfloat16"):
-        data, _ = _shard(40, dtype)
-        ref = list(iter_tar_samples(io.BytesIO(data)))
-        want = ([int(s["__key__"]) for s in ref], [int(s["cls"]) for s in ref],
-                [(npy_view(s["mean.npy"]), npy_view(s["std.npy"])) for s in ref])
-        for chunk in (1000, 4095, 4096, 4097, 3 * 4096 + 17, len(data) - 1, 1 << 20):
-            keys, labels, arrays = _blocks(data, chunk)
-            assert keys == want[0] and labels == want[1], (dtype, chunk)
-            assert all(np.array_equal(a, b) for x, y in zip(arrays, want[2]) for a, b in zip(x, y)), chunk
-
-
-def test_block_reader_irregular_and_damaged_shards():
-    """An irregular record mid-shard hands over to the member parser (same samples); damage anywhere in a
-    header, a key digit, a label or the stream's length is an error, never a silently wrong sample."""
+def _tarfile(data: bytes) -> tuple[list[int], list[int], list]:
+    """The reference: Python's tarfile, members grouped by key."""
     import io
     import tarfile
 
-    from igscale.latents.format import TarFormatError, iter_tar_samples
+    from igscale.latents.format import npy_view
+
+    groups: dict[str, dict] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        for m in t.getmembers():
+            key, _, ext = m.name.rpartition("/")[2].partition(".")
+            groups.setdefault(key, {})[ext] = t.extractfile(m).read()
+    return ([int(k) for k in groups], [int(g["cls"]) for g in groups.values()],
+            [(npy_view(g["mean.npy"]), npy_view(g["std.npy"])) for g in groups.values()])
+
+
+def _same(got, want) -> bool:
+    return got[:2] == want[:2] and len(got[2]) == len(want[2]) and all(
+        np.array_equal(a, b) for x, y in zip(got[2], want[2]) for a, b in zip(x, y))
+
+
+def test_reader_equals_tarfile_for_every_read_size(monkeypatch):
+    """The reader yields exactly what tarfile reads, for both stored dtypes and the ways a read can cut a record
+    (the first read anywhere past the first record, later reads of whole records, the archive's end)."""
+    from igscale.latents import loader
+
+    for dtype in ("float32", "bfloat16"):
+        data, _ = _shard(40, dtype)
+        rec = next(r for r in range(512, len(data), 512) if data[r:r + 9] == b"000000001")
+        want = _tarfile(data)
+        for chunk in (rec + 512, rec + 513, 2 * rec - 1, 2 * rec, 3 * rec + 17, len(data) - 1, len(data), 1 << 20):
+            monkeypatch.setattr(loader, "_CHUNK", chunk)
+            assert _same(_read(data), want), (dtype, chunk)
+
+
+def test_reader_damaged_and_foreign_shards():
+    """Damage to any header field a tar reader relies on, a cut anywhere (even in the end blocks), or another
+    writer's layout (an extra member, pax headers, not a tar) is a TarFormatError, never a wrong or missing sample."""
+    import io
+    import tarfile
+
+    from igscale.latents.format import TarFormatError, write_tar
 
     data, samples = _shard(12)
-    # an extra member in sample 5 (another writer's layout): still every sample, from the member parser
     samples2 = [dict(s) for s in samples]
     samples2[5]["json"] = b'{"note": 1}'
-    from igscale.latents.format import write_tar
-
-    data2 = write_tar(samples2)
-    assert _blocks(data2, 1 << 20)[0] == [int(s["__key__"]) for s in samples]
-    # pax headers (long names) from the start: member parser throughout
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
         for s in samples[:3]:
@@ -240,31 +226,37 @@ def test_block_reader_irregular_and_damaged_shards():
                 info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
                 info.size, info.pax_headers = len(s[ext]), {"comment": "x" * 20}
                 t.addfile(info, io.BytesIO(s[ext]))
-    assert _blocks(buf.getvalue(), 1 << 20)[1] == [int(s["cls"]) for s in samples[:3]]
     rec = next(r for r in range(512, len(data), 512) if data[r:r + 9] == samples[1]["__key__"].encode())
-    for where, what in ((7 * rec + 130, "mtime"), (7 * rec + 3, "key digit"), (7 * rec + 148, "checksum"),
-                        (7 * rec + 512, "label digit")):
-        bad = bytearray(data)
-        bad[where] = (bad[where] + 1 - 48) % 10 + 48 if what != "mtime" else bad[where] ^ 0x01
-        if what == "label digit":  # keep the checksum valid: the label is payload, so check it is read as is
-            keys, labels, _ = _blocks(bytes(bad), 1 << 20)
-            assert labels == [int(s["cls"]) for s in iter_tar_samples(io.BytesIO(bytes(bad)))]
-            assert labels[7] != int(samples[7]["cls"])
-            continue
-        with pytest.raises(TarFormatError, match="checksum"):
-            _blocks(bytes(bad), 1 << 20)
-    for cut in (len(data) // 2, len(data) // 2 + 700, 10 * rec + 512):
+    bad = []
+    for at in (0, 7):  # the first record (the layout's template) and one in the middle
+        for where in (130, 3, 124, 1024 + 3):  # .cls header: mtime, a key digit, the size; mean.npy's key digit
+            b = bytearray(data)
+            b[at * rec + where] = (b[at * rec + where] - 48 + 1) % 8 + 48
+            bad.append(bytes(b))
+    cuts = [data[:cut] for cut in (len(data) // 2, len(data) // 2 + 700, 10 * rec + 512, 10 * rec, len(data) - 10000)]
+    for d in [write_tar(samples2), buf.getvalue(), b"this is not a tar file" * 100, *bad, *cuts]:
         with pytest.raises(TarFormatError):
-            _blocks(data[:cut], 1 << 20)
-    # cut at a record boundary the tar itself is well-formed: 10 samples (the loader's count check rejects it)
-    assert len(_blocks(data[:10 * rec], 1 << 20)[0]) == 10
+            _read(d)
+    b = bytearray(data)
+    b[7 * rec + 512] ^= 1  # a label digit is payload: read as is, as tarfile reads it
+    assert _read(bytes(b))[1] == _tarfile(bytes(b))[1] != _tarfile(data)[1]
 
 
-def test_mix_many_matches_scalar_mix():
-    from igscale.latents.loader import _mix, _mix_many
+def test_read_time_draws_are_per_sample_from_the_posterior_stream():
+    """Noise seeds and flips: Stream.POSTERIOR (epoch, key) per sample, so they do not depend on the batch."""
+    from igscale.core.seeding import Stream, seed_of
+    from igscale.latents.loader import _draws, finish_stored
+    from igscale.latents.norm import LatentNorm
 
     keys = np.array([0, 1, 2, 10**9, 2**40 + 3], np.int64)
-    assert _mix_many(7, 3, keys).tolist() == [_mix(7, 3, int(k)) for k in keys]
+    seeds, flips = _draws(7, 3, keys)
+    assert seeds.tolist() == [seed_of(7, Stream.POSTERIOR, 3, int(k)) for k in keys]
+    assert flips.tolist() == [s % 2 == 1 for s in seeds.tolist()]
+    stored = torch.rand(5, 2, 4, 3, 3)
+    whole = finish_stored(stored, seeds, LatentNorm.scalar())
+    assert all(torch.equal(whole[i], finish_stored(stored[i:i + 1], seeds[i:i + 1], LatentNorm.scalar())[0])
+               for i in range(5))
+    assert not torch.equal(whole, finish_stored(stored, _draws(7, 4, keys)[0], LatentNorm.scalar()))
 
 
 # ---------------------------------------------------------------------------------------------- mean_std paths
@@ -304,9 +296,14 @@ def test_finish_on_device_equals_workers_and_resumes(moments_dataset, worker_typ
     """finish_on="device": batches carry the stored moments and a noise seed; LatentLoader.to_device draws
     the same posterior sample the workers draw (bitwise on CPU), tails included, and resume is exact."""
     bucket, means, stds = moments_dataset
-    mk = lambda **kw: LatentLoader(f"s3://{bucket}/ms/manifest.json", batch_size=4, rank=0, world_size=1,
-                                   num_workers=2, shuffle_buffer=5, return_keys=True, worker_type=worker_type, **kw)
+    mk = lambda **kw: LatentLoader(f"s3://{bucket}/ms/manifest.json", **{
+        "batch_size": 4, "rank": 0, "world_size": 1, "num_workers": 2, "shuffle_buffer": 5, "return_keys": True,
+        "worker_type": worker_type, **kw})
     on_workers = list(_epochs(mk(), 2))
+    if worker_type == "process":  # the same stream as thread workers
+        threads = list(_epochs(mk(worker_type="thread"), 2))
+        assert all(torch.equal(a["key"], b["key"]) and torch.equal(a["latent"], b["latent"])
+                   for a, b in zip(on_workers, threads, strict=True))
     dev = mk(finish_on="device")
     on_device = list(_epochs(dev, 2))
     assert len(on_device) == len(on_workers) == 2 * 9
@@ -347,30 +344,48 @@ def test_finish_on_device_sample_flip(flip_dataset):
         assert torch.equal(a["latent"], dev.to_device(b, "cpu")["latent"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_recycler_reuses_a_buffer_once_every_view_is_dropped(dtype):
-    from igscale.latents.loader import _Recycler
-
-    r = _Recycler((6, 2, 3), dtype, enabled=True)
-    a = r.get(4)
-    ptr = a.data_ptr()
-    b = r.get(5)  # `a` is still held: a second buffer
-    assert b.data_ptr() != ptr and r.allocated == 2
-    c = a[1:]  # a view of a view keeps the buffer busy
-    del a
-    assert r.get(3).data_ptr() not in (ptr, b.data_ptr()) and r.allocated == 3
-    del c
-    assert r.get(6).data_ptr() == ptr and r.allocated == 3  # dropped by everyone: reused, nothing new
-
-
-def test_thread_loader_reuses_its_buffers_across_epochs(moments_dataset):
-    """Many small windows over 4 epochs: the staging and output buffers in use at once are bounded by the
-    prefetch depth, so the pools stop allocating (a fresh buffer per window costs page faults)."""
+@pytest.mark.parametrize("finish_on", ["workers", "device"])
+def test_window_buffers_come_back_only_once_no_batch_holds_them(moments_dataset, finish_on):
+    """Windows reuse their buffers (a fresh one costs page zeroing) once every batch viewing them is dropped, and
+    never while one is held: batches kept for 3 epochs equal copies taken as they came."""
     bucket, _, _ = moments_dataset
-    for finish_on, pool in (("workers", "latent"), ("device", "stage")):
-        ld = LatentLoader(f"s3://{bucket}/ms/manifest.json", batch_size=2, rank=0, world_size=1, num_workers=2,
-                          shuffle_buffer=2, finish_on=finish_on)
-        n = sum(1 for _ in _epochs(ld, 4))
-        assert n == 4 * 17
-        made = sum(r.allocated for (w, kind), r in ld._pools.items() if kind == pool)
-        assert 2 <= made <= 24, (finish_on, made)  # ~64 windows and 64 chunks were made
+    mk = lambda: LatentLoader(f"s3://{bucket}/ms/manifest.json", batch_size=2, rank=0, world_size=1, num_workers=2,
+                              shuffle_buffer=4, finish_on=finish_on)
+    field = "stored" if finish_on == "device" else "latent"
+    ld = mk()
+    copies = [b[field].clone() for b in _epochs(ld, 3)]  # each batch dropped at once
+    assert len(ld._pool) == 2  # the window being filled and the one before it: nothing else was needed
+    held = list(_epochs(mk(), 3))
+    assert len(held) == len(copies) == 3 * 17 and all(torch.equal(h[field], c) for h, c in zip(held, copies))
+
+
+def test_closing_the_epoch_iterator_stops_the_workers(moments_dataset):
+    """The trainer closes the epoch iterator mid-epoch: the worker threads end there, not at exit."""
+    import threading
+
+    bucket, _, _ = moments_dataset
+    ld = LatentLoader(f"s3://{bucket}/ms/manifest.json", batch_size=2, rank=0, world_size=1, num_workers=2,
+                      shuffle_buffer=2)
+    it = iter(ld)
+    next(it)
+    assert any(t.name.startswith("latent-loader") for t in threading.enumerate())
+    it.close()
+    assert not any(t.name.startswith("latent-loader") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("finish_on", ["workers", "device"])
+def test_exit_with_an_abandoned_epoch_iterator_is_clean(moments_dataset, s3_server, finish_on):
+    """A process that exits with an epoch half read (iterator never closed) exits at once with status 0: no hang on
+    worker threads, and no thread inside a torch op while the interpreter finalises ("terminate called ...")."""
+    import os
+    import subprocess
+    import sys
+
+    bucket, _, _ = moments_dataset
+    code = (f"from igscale.latents.loader import LatentLoader\n"
+            f"ld = LatentLoader('s3://{bucket}/ms/manifest.json', batch_size=2, rank=0, world_size=1, num_workers=2, "
+            f"shuffle_buffer=2, finish_on='{finish_on}')\n"
+            f"it = iter(ld)\nnext(it)\nprint('ok', flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, **s3_server.env}, capture_output=True,
+                       text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0 and p.stdout.strip() == "ok" and "terminate" not in p.stderr, p.stderr[-2000:]

@@ -1,90 +1,77 @@
-"""Streaming training loader over precomputed latent shards (WebDataset tars on S3 or local disk).
+"""Streaming training loader over precomputed latent shards (tar shards + manifest, igscale.latents.format).
 
-Determinism and exact resume (the contract the trainer relies on):
-  * Epoch e's shard order is a permutation drawn from (seed, e). Rank r takes every world_size-th shard of it
-    (split by node); within the rank, logical worker w takes every num_workers-th of those (split by worker).
-  * Each logical worker cuts its sample stream into windows of shuffle_buffer samples, emits each window in a
-    random order seeded by (seed, e, rank, w), and cuts the result into chunks of batch_size. The flip choice of
-    a sample depends on (seed, e, key); the posterior noise of a chunk on (seed, e, rank, w, chunk index). So
-    every worker's chunk sequence is a pure function of (manifest, seed, e, rank, w).
-  * Chunks are taken from the workers (threads, or torch DataLoader processes) round-robin in order, a finished
-    worker dropping out of the rotation, and yielded as batches. Each worker's last, partial chunk is held
-    back; at the end of the epoch the held tails are concatenated in worker order and re-cut into batches, so
-    only the epoch's final batch can be short and no batch spans two epochs.
-  * state_dict = {epoch, chunks received per worker, last worker served, tails held, tail batches yielded}.
-    A fresh loader given that state has each worker regenerate its stream and skip (without decoding) the
-    chunks already consumed, and starts the rotation at the worker after the last one served, so its batches
-    equal the uninterrupted stream. Skipping re-reads the skipped bytes: resume costs up to one epoch of reads
-    per rank, never decode work.
-Ranks can differ in sample count by up to one shard per epoch (`batches_per_epoch(rank)` tells every rank all
-counts up front). Corrupt or truncated shards raise ShardReadError naming the URL, or are skipped and counted.
+The stream of epoch e is a pure function of (manifest, seed, e, rank, world_size, num_workers, batch_size,
+shuffle_buffer), the same for thread and process workers:
+  * Shards: a permutation of the manifest's shards from Stream.SHARD_ORDER (e). Rank r takes order[r::world_size]
+    (split by node); its logical worker w reads every num_workers-th of those, in order (split by worker).
+  * Interleave: the workers' sample blocks (one per ~4 MiB read) are taken in turn, a finished worker dropping out
+    (the order torch's in-order DataLoader gives process workers; the thread workers follow it too).
+  * Shuffle: that stream is cut into windows of shuffle_buffer samples rounded up to a multiple of batch_size;
+    each window is emitted in a uniformly random order (Stream.WINDOW_SHUFFLE (e, r, 0): one shuffle per rank,
+    where the batches are cut; the workers only read) and cut into batches. Epoch tail: the last window holds what
+    is left and is shuffled alike, so only the epoch's last batch can be short and no batch spans two epochs.
+  * Read-time draws are per sample, from Stream.POSTERIOR (e, key): the posterior noise (mean_std: mean + std * eps)
+    or the choice of the stored sample or its mirror (sample_flip: the seed's lowest bit). They do not depend on
+    the batch, rank or worker, so finish_on="workers" (finished in the workers) and finish_on="device" (stored
+    pairs, seeds and flips in the batch; `to_device` finishes them) give bitwise equal latents on the CPU.
+state_dict() = {epoch, batches yielded this epoch}. A fresh loader given it reads the epoch again from its start,
+copies nothing before the window of the next batch, and yields exactly the rest of the uninterrupted stream (resume
+costs up to one epoch of reads per rank). Corrupt or truncated shards raise ShardReadError naming the URL, or with
+on_corrupt="skip" are left out (samples read before the damage stay) and added to `corrupt_shards`, the same way on
+a resume. A storage outage is a StorageError, never skipped.
 """
 from __future__ import annotations
 
-import atexit
-import functools
+import collections
+import contextlib
+import itertools
 import json
 import os
-import threading
+import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from igscale.core.seeding import GOLDEN, MASK64, MIX1, MIX2, splitmix64, splitmix64_np
-from igscale.latents.format import FIELDS, MANIFEST, torch_dtype
+from igscale.core.seeding import Stream, numpy_rng, seeds_of
+from igscale.latents.format import FIELDS, MANIFEST, TarFormatError, npy_view, torch_dtype
 from igscale.latents.norm import LatentNorm
-from igscale.latents.reader import SampleBlock, read_sample_blocks
-from igscale.storage import StorageError, is_s3_url, is_storage_failure, open_storage
+from igscale.storage import StorageError, is_storage_failure, open_storage, split_url
 
-__all__ = ["LatentLoader", "ShardReadError", "register_s3_gopen", "epoch_shard_order", "assign_shards",
-           "load_manifest"]
+__all__ = ["LatentLoader", "ShardReadError", "finish_stored", "read_shard", "register_s3_gopen",
+           "epoch_shard_order", "assign_shards", "load_manifest"]
+
+_CHUNK = 4 << 20  # bytes per read (1-16 MiB measured alike; below 1 MiB the per-block numpy calls dominate)
+_AHEAD = 4  # blocks each worker reads ahead of the consumer
+Block = tuple[np.ndarray, np.ndarray, list[np.ndarray]]  # keys (n,) int64, labels (n,) int64, per field (n, *shape)
 
 
 class ShardReadError(RuntimeError):
     """A shard could not be read completely (corrupt, truncated, missing)."""
 
 
-# ---------------------------------------------------------------------------------------------- S3 streaming
-_S3_STORES: dict = {}
-
-
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, *, endpoint_url: str | None = None, **kw):
-    if mode != "rb":
-        raise ValueError(f"s3 gopen handler is read-only, got mode {mode!r}")
-    bucket, _, key = url[len("s3://"):].partition("/")
-    from igscale.storage import S3Storage
-
-    # One client per (process, bucket, endpoint): creating a boto3 client costs far more than opening a shard.
-    store = _S3_STORES.get((os.getpid(), bucket, endpoint_url))
-    if store is None:
-        store = _S3_STORES[(os.getpid(), bucket, endpoint_url)] = S3Storage(bucket, "", endpoint_url=endpoint_url)
-    return store.open_read(key)
-
-
 def register_s3_gopen(endpoint_url: str | None = None) -> None:
-    """Let webdataset open s3:// URLs through a boto3 streaming GET (no CLI process per shard)."""
+    """Let webdataset open s3:// URLs through igscale.storage (tests read shards back with webdataset)."""
     import importlib
 
-    # `webdataset.gopen` the attribute is the function; the module holds the scheme table.
-    gopen_module = importlib.import_module("webdataset.gopen")
-    gopen_module.gopen_schemes["s3"] = functools.partial(_gopen_s3, endpoint_url=endpoint_url)
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+        store, key = split_url(url, endpoint_url=endpoint_url)
+        return store.open_read(key)
+
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = gopen_s3  # the module, not the function
 
 
-# ---------------------------------------------------------------------------------------------- planning
 def load_manifest(manifest_url: str, endpoint_url: str | None = None) -> tuple[dict, str]:
     """Returns (manifest, base URL that shard keys are relative to)."""
     url = manifest_url.rstrip("/")
-    if not url.endswith(".json"):
-        url = f"{url}/{MANIFEST}"
-    base, _, name = url.rpartition("/")
-    m = json.loads(open_storage(base or ".", endpoint_url=endpoint_url).get_text(name))
-    return m, base
+    base, _, name = (url if url.endswith(".json") else f"{url}/{MANIFEST}").rpartition("/")
+    return json.loads(open_storage(base or ".", endpoint_url=endpoint_url).get_text(name)), base or "."
 
 
 def epoch_shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(n_shards).tolist()
+    return numpy_rng(seed, Stream.SHARD_ORDER, epoch).permutation(n_shards).tolist()
 
 
 def assign_shards(order: list[int], rank: int, world_size: int, num_workers: int) -> list[list[int]]:
@@ -93,471 +80,320 @@ def assign_shards(order: list[int], rank: int, world_size: int, num_workers: int
     return [mine[w::num_workers] for w in range(num_workers)]
 
 
-# ---------------------------------------------------------------------------------------------- worker stream
-def _mix(seed: int, epoch: int, key: int) -> int:
-    """A 63-bit seed from (seed, epoch, key): splitmix64, so nearby inputs decorrelate."""
-    return splitmix64(seed * GOLDEN + epoch * MIX1 + key * MIX2) >> 1
+# ---------------------------------------------------------------------------------------------- shard reading
+class _Layout:
+    """Why not tarfile: ~120 us per sample here, a fifth of raw GET's rate (bench/bench_loader.py, same run). The
+    records (one sample's members) of a format.write_tar shard share members, order and sizes; headers differ only in
+    key digits, checksums and the .cls size. So n records are an (n, L) byte matrix checked against the first record
+    in a few array ops, the latents views of it. Checksums are not summed: all they cover is compared or parsed and
+    checked (the key, the .cls size against its digits). Any other record (damage, a foreign layout) is an error."""
+
+    def __init__(self, head: bytes, fields: tuple[str, ...]):
+        """The layout of the record at the start of `head`."""
+        pos, key, members = 0, None, {}
+        while True:
+            if len(h := head[pos:pos + 512]) < 512:
+                raise TarFormatError(f"the first record is cut short (or longer than {_CHUNK - 512} bytes)")
+            k, _, ext = h[:100].split(b"\0", 1)[0].partition(b".")
+            if key is not None and k != key:  # the next record, or the archive's end
+                break
+            if not (k.isdigit() and len(k) <= 18 and ext and h[156] in b"0\0" and not h[345]):
+                raise TarFormatError("not a shard in format.write_tar's layout (its first record)")
+            key, size = k, int(h[124:136].strip(b"\0 ") or b"0", 8)
+            members[ext.decode()] = (pos, size)
+            pos += 512 + -(-size // 512) * 512
+        if missing := {*(f"{f}.npy" for f in fields), "cls"} - members.keys():
+            raise TarFormatError(f"sample {key.decode()} lacks {sorted(missing)}")
+        self.L, self.kl, self.heads, self.cls = pos, len(key), [h for h, _ in members.values()], members["cls"][0]
+        mask = np.zeros(pos, np.uint8)  # 0xFF: bytes every record shares with this one (tar and .npy headers)
+        for h in self.heads:
+            mask[h:h + 512] = 0xFF
+            mask[h:h + self.kl] = mask[h + 148:h + 154] = 0  # key digits, checksum digits
+        mask[self.cls + 124:self.cls + 135] = 0  # .cls size digits
+        self.arrays = []  # per field: (payload start, stop, dtype, shape)
+        for f in fields:
+            h, size = members[f"{f}.npy"]
+            if not (arr := npy_view(head[h + 512:h + 512 + size])).flags.c_contiguous:
+                raise TarFormatError(f"{f}.npy is not a C-order array")
+            mask[h + 512:h + 512 + size - arr.nbytes] = 0xFF  # the .npy header
+            self.arrays.append((h + 512 + size - arr.nbytes, h + 512 + size, arr.dtype, arr.shape))
+        words = mask.view(np.uint64)  # compared 8 bytes at a time
+        self.cols = np.flatnonzero(words)
+        self.mask, self.want = words[self.cols], np.frombuffer(head, np.uint64, pos // 8)[self.cols] & words[self.cols]
+
+    def parse(self, rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """rows (n, L) uint8 records -> (v = leading valid records, keys (v,), labels (v,), per field (v, *shape)
+        views of rows)."""
+        kl, c, h0 = self.kl, self.cls, self.heads[0]
+        ok = ((rows.view(np.uint64)[:, self.cols] & self.mask) == self.want).all(1)
+        digits = rows[:, h0:h0 + kl].astype(np.int64) - 48  # (n, kl) key digits, the same in every member
+        ok &= ((digits >= 0) & (digits <= 9)).all(1)
+        for h in self.heads[1:]:
+            ok &= (rows[:, h:h + kl] == rows[:, h0:h0 + kl]).all(1)
+        sd = rows[:, c + 124:c + 135].astype(np.int64) - 48  # (n, 11) octal digits of the .cls size
+        size = sd @ 8 ** np.arange(10, -1, -1)
+        ok &= ((sd >= 0) & (sd <= 7)).all(1) & (size >= 1) & (size <= 9)
+        lab = rows[:, c + 512:c + 521].astype(np.int64) - 48  # (n, 9): the label's decimal digits, then NULs
+        inside = np.arange(9) < size[:, None]
+        ok &= np.where(inside, (lab >= 0) & (lab <= 9), lab == -48).all(1)
+        v = len(rows) if ok.all() else int(ok.argmin())
+        labels = (np.where(inside, lab, 0) * 10 ** np.clip(size[:, None] - 1 - np.arange(9), 0, 8))[:v].sum(1)
+        keys = digits[:v] @ 10 ** np.arange(kl - 1, -1, -1)
+        return v, keys, labels, [rows[:v, a:b].view(dt).reshape(v, *shape) for a, b, dt, shape in self.arrays]
 
 
-def _chunk_seed(seed: int, epoch: int, rank: int, worker: int, chunk: int) -> int:
-    """Generator seed of one chunk's posterior noise: a pure function of the chunk's place in the stream."""
-    return splitmix64(_mix(seed, epoch, rank) * GOLDEN + worker * MIX1 + chunk * MIX2) >> 1
+def _read(src: Any, n: int) -> bytes:
+    """n bytes (fewer only at the end): blocks, and so the interleave, must not depend on how the bytes arrive."""
+    data = src.read(n)
+    while data and len(data) < n and (more := src.read(n - len(data))):
+        data += more
+    return data
 
 
-def _mix_many(seed: int, epoch: int, keys: np.ndarray) -> np.ndarray:
-    """_mix for an array of keys -> (n,) uint64 (equal to [_mix(seed, epoch, k) for k in keys])."""
-    base = np.uint64((seed * GOLDEN + epoch * MIX1) & MASK64)
-    with np.errstate(over="ignore"):
-        return splitmix64_np(keys.astype(np.uint64) * np.uint64(MIX2) + base) >> np.uint64(1)
+def read_shard(stream: Any, fields: tuple[str, ...]) -> Iterator[Block]:
+    """Samples of one freshly opened shard stream (written by format.write_tar) in stored order, as blocks (stored
+    dtype; the arrays may be views of the read buffer). TarFormatError at the first damaged record."""
+    src = getattr(stream, "raw", stream)  # read past the (still empty) buffer: whole chunks, no extra copy
+    data, off, at = _read(src, _CHUNK), 0, 0
+    lay = _Layout(data, fields)
+    while True:
+        n = (len(data) - off) // lay.L
+        v, keys, labels, arrays = lay.parse(np.frombuffer(data, np.uint8, n * lay.L, off).reshape(n, lay.L))
+        if v:
+            yield keys, labels, arrays
+        off, at = off + v * lay.L, at + v
+        if v < n or not (more := _read(src, max(1, _CHUNK // lay.L) * lay.L - (len(data) - off))):
+            break
+        data, off = data[off:] + more, 0  # reads after the first end on a record boundary: nothing left over
+    rest = data[off:] + _read(src, _CHUNK)
+    if len(rest) < 1024 or rest.strip(b"\0"):  # not the archive's end (>= 2 zero blocks, then nothing)
+        raise TarFormatError(f"record {at} is damaged, cut short or in another layout")
 
 
-class _Recycler:
-    """Output buffers that go back into use once the consumer has dropped every view of them: the storage's use
-    count is back to what it was when the buffer was made (the pool's own references, plus any torch keeps, e.g.
-    a view's base). A fresh multi-MB buffer per batch costs page faults, which on VMs cost more than filling it.
-    Buffers are handed out only as views (`get(n)` = buf[:n]), so a consumer always holds a reference of its
-    own. Off for process workers: pickling moves a storage to shared memory that the main process keeps
-    reading. `allocated` counts buffers made (tests check that reuse happens)."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, enabled: bool):
-        self.shape, self.dtype = shape, dtype
-        self.enabled = enabled and hasattr(torch._C, "_storage_Use_Count")
-        self.bufs: list[tuple[torch.Tensor, Any, int]] = []  # (buffer, its storage, use count when idle)
-        self.allocated = 0
-
-    def get(self, n: int) -> torch.Tensor:
-        if self.enabled:
-            for t, st, idle in self.bufs:
-                if torch._C._storage_Use_Count(st._cdata) == idle:
-                    return t[:n]
-        # numpy's allocator advises transparent huge pages for big arrays (torch's does not): one fault per 2 MiB.
-        # Raw bytes viewed as the torch dtype, so bfloat16 (which numpy lacks) needs no special case.
-        nbytes = int(np.prod(self.shape)) * torch.empty(0, dtype=self.dtype).element_size()
-        t = torch.from_numpy(np.empty(nbytes, np.uint8)).view(self.dtype).view(self.shape)
-        self.allocated += 1
-        if self.enabled and len(self.bufs) < 64:
-            st = t.untyped_storage()
-            self.bufs.append((t, st, torch._C._storage_Use_Count(st._cdata)))
-        return t[:n]
+# ---------------------------------------------------------------------------------------------- workers
+def _draws(seed: int, epoch: int, keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (noise seeds (n,) int64, flips (n,) bool) from Stream.POSTERIOR (epoch, key)."""
+    s = seeds_of(seed, Stream.POSTERIOR, epoch, last=keys).astype(np.int64)  # 63-bit
+    return torch.from_numpy(s), torch.from_numpy(s & 1 == 1)
 
 
-class _EpochStream(torch.utils.data.IterableDataset):
-    """One logical worker's epoch: its shards -> shuffle windows -> chunks of batch_size (see the module doc).
+def _worker_blocks(spec: dict, epoch: int, w: int) -> Iterator[dict]:
+    """Logical worker w's blocks {"key", "label", "data": per slot (n, ...), "corrupt": None}, slots = the stored
+    pair (finish_on="device") or the finished latent; a skipped corrupt shard as {"corrupt": url}."""
+    store = open_storage(spec["base"], endpoint_url=spec["endpoint_url"])
+    order = epoch_shard_order(len(spec["shards"]), spec["seed"], epoch)
+    for k in assign_shards(order, spec["rank"], spec["world_size"], spec["num_workers"])[w]:
+        key, count = spec["shards"][k]["key"], spec["shards"][k]["count"]
+        url, n = f"{spec['base']}/{key}", 0
+        try:
+            with store.open_read(key) as stream:
+                for keys, labels, arrays in read_shard(stream, spec["fields"]):
+                    if any(a.shape[1:] != spec["shape"] or a.dtype != spec["np_dtype"] for a in arrays):
+                        raise ShardReadError(f"latents {arrays[0].shape[1:]} {arrays[0].dtype}, not {spec['shape']} "
+                                             f"{spec['np_dtype']} as the manifest says")
+                    n += len(keys)
+                    if spec["finish_on"] == "workers":  # the per-sample finish to_device runs, on this block
+                        seeds, flips = _draws(spec["seed"], epoch, keys)
+                        stored = torch.from_numpy(np.stack(arrays, 1)).view(torch_dtype(spec["dtype"]))
+                        arrays = [finish_stored(stored, seeds, spec["norm"], flips if spec["flip"] else None).numpy()]
+                    yield {"key": keys, "label": labels, "data": arrays, "corrupt": None}
+            if n != count:
+                raise ShardReadError(f"expected {count} samples, read {n}")
+        except Exception as e:  # noqa: BLE001 - classified: storage outage, or a shard that is really bad
+            if is_storage_failure(e):  # never skipped, never called corrupt: the data may be fine
+                where = spec["endpoint_url"] or "from the environment"
+                raise StorageError(f"storage error reading shard {url} (endpoint {where}): {type(e).__name__}: {e}") from e
+            if spec["on_corrupt"] == "raise":
+                raise ShardReadError(f"corrupt or truncated shard {url}: {type(e).__name__}: {e}") from None
+            yield {"corrupt": url}
 
-    Shuffle: the sample stream is cut into windows of `shuffle_buffer` samples and each window is emitted in a
-    uniformly random order (the last window may be short). Samples are written straight to their output row
-    in a staging array as they are parsed, so a sample is copied once between the read buffer and its batch."""
 
-    def __init__(self, spec: dict, epoch: int, offset: int, skips: list[int], pools: dict | None = None):
+class _ProcessBlocks(torch.utils.data.IterableDataset):
+    """_worker_blocks in torch DataLoader worker processes (worker id = logical worker)."""
+
+    def __init__(self, spec: dict, epoch: int):
         super().__init__()
-        self.spec, self.epoch, self.offset, self.skips = spec, epoch, offset, skips
-        self.pools = pools  # buffer pools kept by the loader across epochs (thread workers), else per stream
+        self.spec, self.epoch = spec, epoch
 
-    def _blocks(self, shards: list[int], corrupt: list[str]) -> Iterator[SampleBlock]:
-        import importlib
-
-        gopen = importlib.import_module("webdataset.gopen").gopen  # s3:// -> our boto3 stream handler
-        sp = self.spec
-        for k in shards:
-            info = sp["shards"][k]
-            url = f"{sp['base']}/{info['key']}"
-            n = 0
-            try:
-                with gopen(url, "rb") as stream:
-                    for b in read_sample_blocks(stream, sp["fields"]):
-                        if b.arrays[0].shape[1:] != sp["shape"] or b.arrays[0].dtype != sp["np_dtype"]:
-                            raise ShardReadError(f"latents of shape {b.arrays[0].shape[1:]} {b.arrays[0].dtype}, "
-                                                 f"manifest says {sp['shape']} {sp['np_dtype']}")
-                        n += len(b.keys)
-                        yield b
-                if n != info["count"]:
-                    raise ShardReadError(f"expected {info['count']} samples, read {n}")
-            except Exception as e:  # noqa: BLE001 - classified: storage outage, or a shard that is really bad
-                if is_storage_failure(e):  # never skipped, never called corrupt: the data may be fine
-                    raise StorageError(f"storage error reading shard {url} (endpoint "
-                                       f"{sp['endpoint_url'] or 'from the environment'}): {type(e).__name__}: "
-                                       f"{e}") from e
-                if sp["on_corrupt"] == "raise":
-                    raise ShardReadError(f"corrupt or truncated shard {url}: {type(e).__name__}: {e}") from None
-                corrupt.append(url)
-
-    def _flips(self, keys: np.ndarray) -> torch.Tensor | None:
-        """sample_flip: take the mirrored sample, with probability 1/2 per (seed, epoch, key). None for mean_std."""
-        sp = self.spec
-        if sp["mode"] == "mean_std":
-            return None
-        return torch.from_numpy((_mix_many(sp["seed"], self.epoch, keys) >> np.uint64(40)) & np.uint64(1) == 1)
-
-    def __iter__(self):
-        wi = torch.utils.data.get_worker_info()
-        if wi is not None:
-            torch.set_num_threads(1)
-        return self.stream(wi.id if wi else 0)
-
-    def stream(self, worker_id: int) -> Iterator[dict]:
-        """Chunks of physical worker `worker_id` (logical worker (worker_id + offset) mod num_workers)."""
-        import warnings
-
-        sp = self.spec
-        register_s3_gopen(sp["endpoint_url"])
-        # Shard bytes are read-only; the tensors made from them are only read.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        n_workers = sp["num_workers"]
-        w = (worker_id + self.offset) % n_workers
-        shards = assign_shards(epoch_shard_order(len(sp["shards"]), sp["seed"], self.epoch),
-                               sp["rank"], sp["world_size"], n_workers)[w]
-        corrupt: list[str] = []
-        rng = np.random.default_rng([sp["seed"], self.epoch, sp["rank"], w, 0x5B])
-        bs, win, skip = sp["batch_size"], sp["shuffle_buffer"], self.skips[w]
-        dtype = torch_dtype(sp["dtype"])
-        on_device = sp["finish_on"] == "device"
-        # A window's staging buffer: rows [0, carry) = the previous window's unfinished chunk, then the window's
-        # samples at their shuffled positions, as (2, C, h, w) stored pairs. Chunks leave as views of it, so a
-        # sample is copied once from the read buffer to its batch; the buffer is reused once they are dropped.
-        pools = {} if self.pools is None else self.pools
-        stages = pools.setdefault((w, "stage"), _Recycler((win + bs, 2, *sp["shape"]), dtype, sp["recycle"]))
-        latent_bufs = pools.setdefault((w, "latent"), _Recycler((bs, *sp["shape"]), torch.float32, sp["recycle"]))
-
-        def new_stage() -> tuple[torch.Tensor, np.ndarray]:
-            t = stages.get(win + bs)
-            return t, (t.view(torch.uint16) if sp["dtype"] == "bfloat16" else t).numpy()
-
-        stage, stage_np = new_stage()
-        keys = np.empty(win + bs, np.int64)
-        labels = np.empty(win + bs, np.int64)
-        base = 0  # stream position of stage row 0 (a chunk start)
-        carry, j, perm = 0, 0, rng.permutation(win)
-        sent = 0  # corrupt shards already reported with a chunk
-
-        def close_window(last: bool) -> Iterator[dict]:
-            nonlocal stage, stage_np, base, carry, j, perm, sent
-            end = carry + j
-            if j < win:  # a short last window: its rows sit at carry + perm[:j]; close the gaps, order kept
-                used = carry + np.sort(perm[:j])
-                stage_np[carry:end] = stage_np[used]
-                keys[carry:end], labels[carry:end] = keys[used], labels[used]
-            n_out = -(-end // bs) if last else end // bs
-            for c in range(n_out):
-                lo, hi = c * bs, min(end, (c + 1) * bs)
-                idx = base // bs + c
-                if idx < skip:  # delivered before a resume
-                    continue
-                item = {"label": labels[lo:hi].copy(), "key": keys[lo:hi].copy(), "_worker": w, "_chunk": idx,
-                        "_tail": hi - lo < bs, "_corrupt": list(corrupt)}
-                seed, flip = _chunk_seed(sp["seed"], self.epoch, sp["rank"], w, idx), self._flips(keys[lo:hi])
-                if on_device:  # a view of the stage, finished by LatentLoader.to_device
-                    item.update(stored=stage[lo:hi], noise_seed=seed, flip=flip)
-                else:
-                    item["latent"] = finish_stored(stage[lo:hi], seed, sp["norm"], flip, out=latent_bufs.get(hi - lo))
-                sent = len(corrupt)
-                yield item
-            rest = 0 if last else end - n_out * bs
-            old, old_np = stage, stage_np
-            stage, stage_np = new_stage()
-            if rest:
-                stage_np[:rest] = old_np[n_out * bs:end]
-                keys[:rest], labels[:rest] = keys[n_out * bs:end], labels[n_out * bs:end]
-            del old, old_np
-            base, carry, j, perm = base + n_out * bs, rest, 0, rng.permutation(win)
-
-        for block in self._blocks(shards, corrupt):
-            lo = 0
-            while lo < len(block.keys):
-                hi = min(len(block.keys), lo + win - j)
-                pos = carry + perm[j:j + hi - lo]  # stage rows of these samples
-                keys[pos], labels[pos] = block.keys[lo:hi], block.labels[lo:hi]
-                # only rows of chunks not yet delivered (a resumed loader skips the rest without copying)
-                keep = (base + pos) // bs >= skip
-                whole = bool(keep.all())
-                for f, arr in enumerate(block.arrays):
-                    if whole:
-                        stage_np[pos, f] = arr[lo:hi]
-                    elif keep.any():
-                        stage_np[pos[keep], f] = arr[lo:hi][keep]
-                j += hi - lo
-                lo = hi
-                if j == win:
-                    yield from close_window(last=False)
-        yield from close_window(last=True)
-        if len(corrupt) > sent:  # shards skipped after the last chunk sent: the main process must learn of them
-            yield {"latent": None, "label": None, "key": None, "_worker": w, "_chunk": skip - 1, "_tail": None,
-                   "_corrupt": list(corrupt)}
+    def __iter__(self) -> Iterator[dict]:
+        torch.set_num_threads(1)
+        return _worker_blocks(self.spec, self.epoch, torch.utils.data.get_worker_info().id)
 
 
-NoiseSeed = int | list[tuple[int, int, int, int]]
+def _round_robin(streams: list[Iterator[dict]]) -> Iterator[dict]:
+    """The streams' items in turn, a finished stream dropping out; each reads its next _AHEAD items in a pool thread
+    while the consumer takes the current ones. Tasks are short: the threads end with the epoch, or at exit."""
+    take = lambda s: collections.deque(itertools.islice(s, _AHEAD))
+    pool = ThreadPoolExecutor(len(streams), thread_name_prefix="latent-loader")
+    futs = [pool.submit(take, s) for s in streams]
+    ready, active = [collections.deque() for _ in streams], list(range(len(streams)))
+    try:
+        while active:
+            for i in list(active):
+                if not ready[i]:
+                    ready[i] = futs[i].result()
+                    if not ready[i]:
+                        active.remove(i)
+                        continue
+                    futs[i] = pool.submit(take, streams[i])
+                yield ready[i].popleft()
+    finally:
+        pool.shutdown(cancel_futures=True)  # waits for the reads in flight: no stream is still running
+        for s in streams:
+            s.close()
 
 
-def finish_stored(stored: torch.Tensor, noise_seed: NoiseSeed, norm: LatentNorm, flip: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def finish_stored(stored: torch.Tensor, noise_seed: torch.Tensor, norm: LatentNorm,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
     """A batch's stored pairs (B, 2, C, h, w) (any device) -> (B, C, h, w) float32 normalised model latents.
 
-    flip None (SiT recipe, pairs = posterior mean and std): mean + std * eps, eps from a generator on stored's
-    device seeded with noise_seed (the same numbers in the workers and in to_device on CPU; the device's own
-    generator on CUDA). An epoch-end batch re-cut from several chunks' tails has one segment per chunk instead:
-    noise_seed = [(chunk seed, chunk rows, first, stop), ...] -> rows [first, stop) of that chunk's noise.
-    flip (B,) bool (LightningDiT recipe, pairs = sample and mirror): the mirror where set."""
-    shape = stored.shape[:1] + stored.shape[2:]
-    if out is None:
-        out = torch.empty(shape, device=stored.device)
+    flip None (SiT recipe, pairs = posterior mean and std): mean + std * eps, eps of row i from a generator on
+    stored's device seeded with noise_seed[i] ((B,) int64; on CPU the workers' and to_device's draws are the same
+    numbers). flip (B,) bool (LightningDiT recipe, pairs = sample and mirror): the mirror where set."""
+    out = torch.empty(stored.shape[:1] + stored.shape[2:], device=stored.device)  # (B, C, h, w)
     if flip is not None:
         rows = torch.arange(len(flip), device=stored.device) * 2 + flip.to(stored.device, torch.int64)
         return norm.normalize_from(stored.flatten(0, 1).index_select(0, rows), out)
     g = torch.Generator(device=stored.device)
-    if isinstance(noise_seed, int):
-        g.manual_seed(noise_seed)
-        torch.randn(shape, generator=g, device=stored.device, out=out)
-    else:
-        at = 0
-        for seed, rows, first, stop in noise_seed:  # the whole chunk's draw, so rows equal the workers' numbers
-            g.manual_seed(seed)
-            out[at:at + stop - first] = torch.randn((rows, *shape[1:]), generator=g, device=stored.device)[first:stop]
-            at += stop - first
-        if at != len(out):
-            raise ValueError(f"noise segments cover {at} rows of a batch of {len(out)}")
+    for i, s in enumerate(noise_seed.tolist()):  # per sample: the draw does not depend on the batch
+        out[i].normal_(generator=g.manual_seed(s))
     return norm.normalize_(out.mul_(stored[:, 1]).add_(stored[:, 0]))
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-_END = object()
-_RUNNING: set = set()  # (stop event, threads) of thread-worker epochs in progress
-
-
-def _stop_running() -> None:
-    """Stop worker threads left running by an abandoned epoch iterator."""
-    for stop, threads in list(_RUNNING):
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
-
-
-# Worker threads are non-daemon, so none can still be inside a torch op when the interpreter finalises (a daemon
-# thread re-taking the GIL then is unwound through a noexcept destructor: "terminate called without an active
-# exception"). Interpreter exit first runs threading's exit hooks, then joins non-daemon threads: stop them there.
-getattr(threading, "_register_atexit", atexit.register)(_stop_running)
-
-
-def _threaded(streams: list[Iterator[dict]], prefetch: int) -> Iterator[dict]:
-    """Run each worker stream in a thread and take their items round-robin, dropping finished workers: the
-    order torch's in-order DataLoader gives process workers. The hot work (socket reads, numpy, torch)
-    releases the GIL, and threads share one boto3 client and reuse their memory."""
-    import queue
-
-    stop = threading.Event()
-    queues = [queue.Queue(maxsize=prefetch) for _ in streams]
-
-    def put(q: queue.Queue, item: Any) -> bool:
-        """Blocking put that gives up once the consumer has stopped (every put: a thread must never outlive it)."""
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pump(it: Iterator[dict], q: queue.Queue) -> None:
-        try:
-            for item in it:
-                if not put(q, item):
-                    return
-            put(q, _END)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            put(q, e)
-
-    threads = [threading.Thread(target=pump, args=(it, q), daemon=False, name=f"latent-loader-{i}")
-               for i, (it, q) in enumerate(zip(streams, queues))]
-    entry = (stop, tuple(threads))
-    _RUNNING.add(entry)
-    for t in threads:
-        t.start()
-    try:
-        active = list(range(len(streams)))
-        while active:
-            for i in list(active):
-                item = queues[i].get()
-                if item is _END:
-                    active.remove(i)
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=5)
-        _RUNNING.discard(entry)
 
 
 # ---------------------------------------------------------------------------------------------- loader
 class LatentLoader:
     """Iterate it once per epoch: `for batch in loader:` yields {"latent": (B,C,h,w) float32 normalised,
-    "label": (B,) int64} and ends exactly at the epoch boundary; `loader.epoch` then advances."""
+    "label": (B,) int64} (finish_on="device": "stored", "noise_seed", "flip" instead of "latent", see to_device)
+    and ends exactly at the epoch boundary; `loader.epoch` then advances."""
+
+    _LAYOUT = ("num_workers", "rank", "world_size", "batch_size", "seed", "shuffle_buffer")  # fix the stream
 
     def __init__(self, manifest_url: str, *, batch_size: int, rank: int, world_size: int, num_workers: int = 2,
                  seed: int = 0, shuffle_buffer: int = 1000, endpoint_url: str | None = None,
-                 on_corrupt: Literal["raise", "skip"] = "raise",
-                 norm: Literal["auto", "scalar", "per_channel"] | LatentNorm = "auto", return_keys: bool = False,
-                 worker_type: Literal["thread", "process"] = "thread",
-                 finish_on: Literal["workers", "device"] = "workers"):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if batch_size <= 0 or num_workers < 0 or shuffle_buffer < 1:
-            raise ValueError("batch_size must be > 0, num_workers >= 0, shuffle_buffer >= 1")
-        if worker_type not in ("thread", "process"):
-            raise ValueError(f"worker_type must be 'thread' or 'process', got {worker_type!r}")
-        self.worker_type = worker_type
-        if finish_on not in ("workers", "device"):
-            raise ValueError(f"finish_on must be 'workers' or 'device', got {finish_on!r}")
-        if on_corrupt not in ("raise", "skip"):
-            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+                 on_corrupt: Literal["raise", "skip"] = "raise", return_keys: bool = False,
+                 norm: Literal["auto", "scalar", "per_channel"] | LatentNorm = "auto",
+                 worker_type: Literal["thread", "process"] = "thread", finish_on: Literal["workers", "device"] = "workers"):
+        if not (0 <= rank < world_size and batch_size > 0 and num_workers >= 0 and shuffle_buffer >= 1):
+            raise ValueError(f"need 0 <= rank < world_size (got {rank}, {world_size}), batch_size > 0, num_workers >= 0 "
+                             "and shuffle_buffer >= 1")
+        for name, value, allowed in (("worker_type", worker_type, ("thread", "process")), ("on_corrupt", on_corrupt,
+                                     ("raise", "skip")), ("finish_on", finish_on, ("workers", "device"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
-        self.manifest, base = load_manifest(manifest_url, endpoint_url)
-        m = self.manifest
-        if not base and not is_s3_url(manifest_url):
-            base = "."
+        m, base = load_manifest(manifest_url, endpoint_url)
+        self.manifest = m
         self.norm = norm if isinstance(norm, LatentNorm) else LatentNorm.from_manifest(m, norm)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.num_workers, self.rank, self.world_size = batch_size, num_workers, rank, world_size
+        self.worker_type, self.return_keys = worker_type, return_keys  # return_keys: also "key" (B,) int64
         self.num_samples: int = m["num_samples"]
         self.latent_shape: tuple[int, ...] = tuple(m["latent"]["shape"])
-        self._spec = {
-            "base": base, "shards": [{"key": s["key"], "count": s["count"]} for s in m["shards"]],
-            "fields": FIELDS[m["mode"]], "mode": m["mode"], "dtype": m["latent"]["dtype"], "seed": seed,
-            "shuffle_buffer": shuffle_buffer, "batch_size": batch_size, "num_workers": max(1, num_workers),
-            "rank": rank, "world_size": world_size, "on_corrupt": on_corrupt, "endpoint_url": endpoint_url,
-            "norm": self.norm, "shape": tuple(m["latent"]["shape"]), "finish_on": finish_on,
-            "recycle": worker_type == "thread" or num_workers == 0,
-            "np_dtype": np.dtype(np.uint16 if m["latent"]["dtype"] == "bfloat16" else m["latent"]["dtype"]),
-        }
-        self.return_keys = return_keys  # also yield "key": (B,) int64 source-image indices (tests, debugging)
+        dtype = m["latent"]["dtype"]
+        self._spec = dict(  # what the workers need (picklable, for process workers)
+            base=base, endpoint_url=endpoint_url, shards=[{"key": s["key"], "count": s["count"]} for s in m["shards"]],
+            fields=FIELDS[m["mode"]], flip=m["mode"] == "sample_flip", dtype=dtype, norm=self.norm,
+            shape=self.latent_shape, np_dtype=np.dtype(np.uint16 if dtype == "bfloat16" else dtype), seed=seed,
+            rank=rank, world_size=world_size, num_workers=max(1, num_workers), batch_size=batch_size,
+            shuffle_buffer=shuffle_buffer, on_corrupt=on_corrupt, finish_on=finish_on)
         self.corrupt_shards: set[str] = set()
-        self._pools: dict = {}  # output/staging buffers reused across epochs by thread workers
-        self.epoch = 0
-        self._reset_epoch_state()
+        self.epoch, self._batches, self._pool = 0, 0, []  # _pool: [bytearray, weakref to its window], see _window
 
-    def _reset_epoch_state(self) -> None:
-        n = self._spec["num_workers"]
-        self._received = [0] * n
-        self._last_worker: int | None = None
-        self._tails_held: list[int] = []
-        self._tail_batches = 0
-
-    # -- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "received": list(self._received), "last_worker": self._last_worker,
-                "tails_held": sorted(self._tails_held), "tail_batches": self._tail_batches,
-                "num_workers": self._spec["num_workers"], "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self._spec["seed"]}
+        return {"epoch": self.epoch, "batches": self._batches, **{k: self._spec[k] for k in self._LAYOUT}}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        for k in ("num_workers", "rank", "world_size", "batch_size", "seed"):
-            mine = self._spec["num_workers"] if k == "num_workers" else (
-                self._spec["seed"] if k == "seed" else getattr(self, k))
-            if d[k] != mine:
-                raise ValueError(f"loader state has {k}={d[k]} but this loader has {mine}; exact resume needs "
-                                 "the same rank layout, workers, batch size and seed")
-        self.epoch = d["epoch"]
-        self._received = list(d["received"])
-        self._last_worker = d["last_worker"]
-        self._tails_held = list(d["tails_held"])
-        self._tail_batches = d["tail_batches"]
+        for k in self._LAYOUT:
+            if d.get(k) != self._spec[k]:  # (a state of the loader before issue #15 has no shuffle_buffer)
+                raise ValueError(f"loader state has {k}={d.get(k)} but this loader has {self._spec[k]}; exact resume "
+                                 "needs the same rank layout, workers, batch size, shuffle window and seed")
+        self.epoch, self._batches = d["epoch"], d["batches"]
 
-    # -- sizes
     def samples_per_rank(self, epoch: int | None = None) -> list[int]:
-        e = self.epoch if epoch is None else epoch
-        order = epoch_shard_order(len(self._spec["shards"]), self._spec["seed"], e)
-        return [sum(self._spec["shards"][k]["count"] for k in order[r::self.world_size])
-                for r in range(self.world_size)]
+        order = epoch_shard_order(len(self._spec["shards"]), self._spec["seed"], self.epoch if epoch is None else epoch)
+        return [sum(self._spec["shards"][k]["count"] for k in order[r::self.world_size]) for r in range(self.world_size)]
 
     def batches_per_epoch(self, rank: int | None = None, epoch: int | None = None) -> int:
         """Batches `rank` yields in `epoch` (assuming no corrupt shards)."""
-        r = self.rank if rank is None else rank
-        e = self.epoch if epoch is None else epoch
-        order = epoch_shard_order(len(self._spec["shards"]), self._spec["seed"], e)
-        per_w = [sum(self._spec["shards"][k]["count"] for k in ws)
-                 for ws in assign_shards(order, r, self.world_size, self._spec["num_workers"])]
-        bs = self.batch_size
-        return sum(n // bs for n in per_w) + -(-sum(n % bs for n in per_w) // bs)
+        return -(-self.samples_per_rank(epoch)[self.rank if rank is None else rank] // self.batch_size)
 
-    # -- iteration
-    def _items(self, skips: list[int], offset: int) -> Iterator[dict]:
-        ds = _EpochStream(self._spec, self.epoch, offset, skips,
-                          pools=self._pools if self._spec["recycle"] else None)
+    def _items(self, epoch: int) -> Iterator[dict]:
+        sp = self._spec
         if self.num_workers == 0:
-            yield from ds.stream(0)
+            yield from _worker_blocks(sp, epoch, 0)
         elif self.worker_type == "thread":
-            yield from _threaded([ds.stream(i) for i in range(self.num_workers)], prefetch=4)
-        else:
-            yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                   prefetch_factor=4, in_order=True, collate_fn=_identity)
+            yield from _round_robin([_worker_blocks(sp, epoch, w) for w in range(self.num_workers)])
+        else:  # collate_fn=dict: a picklable identity for dict items
+            yield from torch.utils.data.DataLoader(_ProcessBlocks(sp, epoch), batch_size=None, collate_fn=dict,
+                                                   num_workers=self.num_workers, prefetch_factor=_AHEAD, in_order=True)
 
-    def _out(self, item: dict) -> dict[str, Any]:
-        """A worker item as a batch: labels (and keys) as tensors, and either the finished latents or what
-        to_device needs to finish them (stored pairs, noise seed, flip choices)."""
-        out: dict[str, Any] = {"label": torch.from_numpy(item["label"])}
-        out.update({k: item[k] for k in ("latent", "stored", "noise_seed", "flip") if k in item})
-        if self.return_keys:
-            out["key"] = torch.from_numpy(item["key"])
-        return out
+    def _batch(self, w: dict[str, np.ndarray], sl: slice, epoch: int) -> dict[str, Any]:
+        sp, keys = self._spec, w["key"][sl]
+        out = {"label": torch.from_numpy(w["label"][sl]), **({"key": torch.from_numpy(keys)} if self.return_keys else {})}
+        if sp["finish_on"] == "workers":
+            return {**out, "latent": torch.from_numpy(w["data"][sl, 0])}
+        seeds, flips = _draws(sp["seed"], epoch, keys)
+        return {**out, "stored": torch.from_numpy(w["data"][sl]).view(torch_dtype(sp["dtype"])), "noise_seed": seeds,
+                "flip": flips if sp["flip"] else None}
+
+    def _window(self, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
+        """A window's buffer. A fresh one costs the kernel zeroing its pages (~6 us a sample here, as much as
+        filling it), so buffers come back once no batch uses them: each window is a new array over a pooled
+        bytearray, every view of it (and tensor made from one) keeps that array alive, and its weakref dies with them."""
+        n = int(np.prod(shape)) * dt.itemsize
+        entry = next((e for e in self._pool if len(e[0]) == n and e[1]() is None), None)
+        if entry is None:  # a few at most: one still in use when the pool is full just leaves it
+            entry = [bytearray(n), None]
+            self._pool = [*self._pool[-3:], entry]
+        entry[1] = weakref.ref(flat := np.frombuffer(entry[0], dt))
+        return flat.reshape(shape)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        sp, bs, e = self._spec, self.batch_size, self.epoch
+        size = -(-sp["shuffle_buffer"] // bs) * bs  # window: whole batches, so batches are views of it
+        slots, dt = (2, sp["np_dtype"]) if sp["finish_on"] == "device" else (1, np.dtype(np.float32))
+        rng = numpy_rng(sp["seed"], Stream.WINDOW_SHUFFLE, e, self.rank, 0)
+        done, wi, fill, win, perm = self._batches, 0, 0, None, None  # done: batches delivered before a resume
+
+        def emit(w: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+            for i in range(0, len(w["key"]), bs):
+                if (g := wi * size // bs + i // bs) >= done:
+                    self._batches = g + 1
+                    yield self._batch(w, slice(i, i + bs), e)
+
+        with contextlib.closing(self._items(e)) as items:  # closing the epoch iterator stops the workers
+            for item in items:
+                if item["corrupt"]:
+                    self.corrupt_shards.add(item["corrupt"])
+                    continue
+                n, at = len(item["key"]), 0
+                while at < n:
+                    if fill == 0:  # a new window; one whose batches were all delivered is not filled
+                        perm = rng.permutation(size)  # stream position fill + j -> window row perm[fill + j]
+                        win = None if (wi + 1) * size <= done * bs else {
+                            "key": np.empty(size, np.int64), "label": np.empty(size, np.int64),
+                            "data": self._window((size, slots, *sp["shape"]), dt)}  # (window, slots, C, h, w)
+                    m = min(n - at, size - fill)
+                    if win is not None:
+                        rows = perm[fill:fill + m]
+                        win["key"][rows], win["label"][rows] = item["key"][at:at + m], item["label"][at:at + m]
+                        for j, a in enumerate(item["data"]):
+                            win["data"][rows, j] = a[at:at + m]
+                    fill, at = fill + m, at + m
+                    if fill == size:
+                        yield from emit(win) if win is not None else ()
+                        wi, fill = wi + 1, 0
+        if fill and win is not None:  # the short last window: its rows, in the order of their places
+            yield from emit({k: v[np.sort(perm[:fill])] for k, v in win.items()})
+        self.epoch, self._batches = e + 1, 0
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str,
                   non_blocking: bool = True) -> dict[str, torch.Tensor]:
-        """A batch on `device` as {"latent": (B,C,h,w) float32, "label": (B,) int64 (, "key")}. With
-        finish_on="device" this is where the batch is finished: the posterior sample drawn (from the batch's noise
-        seed) and the latents normalised, on the device; otherwise it is a copy."""
+        """A batch on `device` as {"latent": (B,C,h,w) float32, "label": (B,) int64 (, "key")}: finished there
+        (posterior draw or flip, normalisation) with finish_on="device", else a copy."""
         out = {"label": batch["label"].to(device, non_blocking=non_blocking)}
         if "stored" in batch:
             out["latent"] = finish_stored(batch["stored"].to(device, non_blocking=non_blocking),
                                           batch["noise_seed"], self.norm, batch["flip"])
         else:
             out["latent"] = batch["latent"].to(device, torch.float32, non_blocking=non_blocking)
-        if "key" in batch:
-            out["key"] = batch["key"]
-        return out
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        n = self._spec["num_workers"]
-        skips = [self._received[w] - (1 if w in self._tails_held else 0) for w in range(n)]
-        offset = 0 if self._last_worker is None else (self._last_worker + 1) % n
-        tails: dict[int, dict] = {}
-        for item in self._items(skips, offset):
-            self.corrupt_shards.update(item["_corrupt"])
-            w = item["_worker"]
-            if item["_tail"] is None:
-                continue
-            if item["_tail"]:
-                tails[w] = item
-                if w not in self._tails_held:
-                    self._received[w] = item["_chunk"] + 1
-                    self._last_worker = w
-                    self._tails_held.append(w)
-                continue
-            self._received[w] = item["_chunk"] + 1
-            self._last_worker = w
-            yield self._out(item)
-        # Epoch end: held tails, concatenated in worker order, re-cut into batches. Unfinished tails stay
-        # unfinished (to_device draws each row's noise from its own chunk's seed: noise segments).
-        if tails:
-            ts = [tails[w] for w in sorted(tails)]
-            y = np.concatenate([t["label"] for t in ts])
-            k = np.concatenate([t["key"] for t in ts])
-            starts = np.cumsum([0] + [len(t["label"]) for t in ts])
-            field = "stored" if "stored" in ts[0] else "latent"
-            z = torch.cat([t[field] for t in ts])
-            flips = None if field == "latent" or ts[0]["flip"] is None else torch.cat([t["flip"] for t in ts])
-            for i in range(self._tail_batches * self.batch_size, len(y), self.batch_size):
-                self._tail_batches += 1
-                sl = slice(i, i + self.batch_size)
-                item = {field: z[sl], "label": y[sl], "key": k[sl]}
-                if field == "stored":
-                    stop = min(i + self.batch_size, len(y))
-                    item["noise_seed"] = [(t["noise_seed"], len(t["label"]), max(i, a) - a, min(stop, b) - a)
-                                          for t, a, b in zip(ts, starts[:-1].tolist(), starts[1:].tolist())
-                                          if a < stop and b > i]
-                    item["flip"] = None if flips is None else flips[sl]
-                yield self._out(item)
-        self.epoch += 1
-        self._reset_epoch_state()
+        return out | ({"key": batch["key"]} if "key" in batch else {})

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from igscale.latents.format import TarFormatError, iter_tar_samples, npy_view
+from bench.legacy_loader.tarparse import iter_tar_samples
+from igscale.latents.format import TarFormatError, npy_view
 
 __all__ = ["SampleBlock", "read_sample_blocks"]
 
