@@ -185,3 +185,21 @@ def test_presets_use_their_family_interval_rule():
     assert PRESETS["sit-xl2-ig-cfg-fid1.46"].guidance.interval_at == "step_start"
     assert all(PRESETS[n].guidance.interval_at == "eval_time"
                for n in ("lightningdit-xl1-ig-cfg-fid1.19", "lightningdit-xl1-ig-fid1.34"))
+
+
+def test_without_a_preset_the_interval_rule_follows_the_model_family():
+    from types import SimpleNamespace
+
+    from igscale.eval.setup import family_interval_rule, sampler_from_args
+
+    assert family_interval_rule("SiT-XL/2") == family_interval_rule("DiT-B/2") == "step_start"
+    assert family_interval_rule("LightningDiT-XL/1") == "eval_time"
+    assert family_interval_rule("custom", "lightningdit") == "eval_time" and family_interval_rule("custom") == "eval_time"
+    sit = SimpleNamespace(config=SimpleNamespace(name="SiT-S/2"))
+    args = SimpleNamespace(preset=None, method=None, num_steps=None, shift=None, interval_at=None, checkpoint_kind=None,
+                           w_cfg=None, cfg_interval=None, w_ig=None, ig_interval=None)
+    assert sampler_from_args(args, model=sit)[1].interval_at == "step_start"
+    args.interval_at = "eval_time"  # an explicit flag wins
+    assert sampler_from_args(args, model=sit)[1].interval_at == "eval_time"
+    args.interval_at, args.preset = None, "lightningdit-xl1-ig-cfg-fid1.19"  # a preset keeps its own rule
+    assert sampler_from_args(args, model=sit)[1].interval_at == "eval_time"

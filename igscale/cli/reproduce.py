@@ -52,7 +52,7 @@ def _run(args: ReproduceConfig, env) -> int:
     with fetch_local(args.ref) as ref:
         validate_ref_npz(ref)
         model, model_meta = load_model(args)
-        sampler, guidance = sampler_from_args(args)
+        sampler, guidance = sampler_from_args(args, model=model)
         decode, dec_meta = build_decoder(args, device, latent_channels=model.config.in_channels)
         settings = {**model_meta, **dec_meta}
         print0(f"reproduce {args.preset} ({preset.description}): {cfg.num_samples} samples, {cfg.labels} labels, "

@@ -37,7 +37,7 @@ def _run(args: SampleConfig, env) -> int:
     device = device_for(env)
     cfg = args.generation()
     model, model_meta = load_model(args)
-    sampler, guidance = sampler_from_args(args)
+    sampler, guidance = sampler_from_args(args, model=model)
     decode, dec_meta = build_decoder(args, device, latent_channels=model.config.in_channels)
     settings = {**model_meta, **dec_meta}
     print0(f"sampling {cfg.num_samples} ({cfg.labels} labels) on {env.world_size} rank(s): {sampler} {guidance}")

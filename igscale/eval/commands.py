@@ -87,6 +87,10 @@ class SamplerArgs:
     """ODE steps (Heun costs 2 NFE per step); SDE: NFE."""
     shift: float | None = None
     """Timestep shift s > 0 (s > 1 spends more steps near noise)."""
+    interval_at: Literal["eval_time", "step_start"] | None = None
+    """Time at which the guidance intervals are checked: each model evaluation's, or the step's start for all its
+    evaluations. Unset: the preset's rule; without a preset, the model family's official one (SiT/DiT step_start,
+    LightningDiT eval_time)."""
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:  # the live dict: tests add presets at run time

@@ -81,9 +81,9 @@ class GridScorer:
 def open_grid(args, env: DistEnv, log: Callable[[str], None] = print):
     """What sweep and tune share: (sampler, grid points, GridScorer factory) for the command config `args`."""
     device = device_for(env)
-    sampler, base = sampler_from_args(args, guidance_overrides=False)
-    grid = make_grid(base, args.w_ig, args.w_cfg, args.cfg_interval, args.ig_interval)
     model, model_meta = load_model(args)
+    sampler, base = sampler_from_args(args, model=model, guidance_overrides=False)
+    grid = make_grid(base, args.w_ig, args.w_cfg, args.cfg_interval, args.ig_interval)
     decode, dec_meta = build_decoder(args, device, latent_channels=model.config.in_channels)
     inception = load_scorer(args.inception, device, args.allow_unverified_weights)
     # hashed once on rank 0; every point's samples.json and metrics.json carries them

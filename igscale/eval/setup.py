@@ -16,12 +16,29 @@ from igscale.diffusion.presets import find_preset, get_preset
 from igscale.diffusion.samplers import SamplerConfig
 from igscale.eval.generate import latents_to_uint8
 
-__all__ = ["sampling_precision", "load_model", "sampler_from_args", "build_decoder", "load_scorer"]
+__all__ = ["family_interval_rule", "sampling_precision", "load_model", "sampler_from_args", "build_decoder", "load_scorer"]
 
 
-def sampler_from_args(args, *, guidance_overrides: bool = True) -> tuple[SamplerConfig, GuidanceConfig]:
-    """Preset (or defaults) with explicit flags applied; guidance flags are skipped when they are sweep axes."""
+def family_interval_rule(model_name: str, checkpoint_kind: str | None = None) -> str:
+    """The official interval rule of a model family: the SiT samplers decide at each step's start, LightningDiT's
+    Heun at every evaluation; other models get eval_time."""
+    name = model_name.lower()
+    if checkpoint_kind == "lightningdit" or name.startswith("lightningdit"):
+        return "eval_time"
+    if checkpoint_kind == "sit" or name.startswith(("sit-", "dit-")):
+        return "step_start"
+    return "eval_time"
+
+
+def sampler_from_args(args, *, model=None, guidance_overrides: bool = True) -> tuple[SamplerConfig, GuidanceConfig]:
+    """Preset (or defaults) with explicit flags applied; guidance flags are skipped when they are sweep axes.
+    `model`: without a preset, the interval rule defaults to its family's official one."""
     s, g = get_preset(args.preset) if args.preset else (SamplerConfig(), GuidanceConfig())
+    rule = getattr(args, "interval_at", None)
+    if rule is None and not args.preset and model is not None:
+        rule = family_interval_rule(model.config.name, getattr(args, "checkpoint_kind", None))
+    if rule is not None:
+        g = from_dict(GuidanceConfig, {**to_dict(g), "interval_at": rule})
     s_over = {k: getattr(args, k, None) for k in ("method", "num_steps", "shift")}  # reproduce has no such flags
     s_over = {k: v for k, v in s_over.items() if v is not None}
     g_over = {k: getattr(args, k, None) for k in ("w_cfg", "cfg_interval", "w_ig", "ig_interval")
