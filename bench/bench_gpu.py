@@ -181,7 +181,7 @@ def sampling(name: str, device: torch.device, args, peak: float) -> dict:
         r = sampling_forward(cfg, device, args, batch)
         r["note"] = f"bench_sampling.compare_modes unavailable ({e}); compiled bf16 forward timed instead"
     else:
-        r = compare_modes(cfg.model.name, device, batch, overrides=dict(cfg.model.overrides), steps=2,
+        r = compare_modes(cfg.model.name, device, batch, overrides=cfg.model.arch_overrides(), steps=2,
                           repeats=args.repeats, vae=False, peak_tflops=peak)
     free_memory(device)
     return r
@@ -193,7 +193,7 @@ def sampling_forward(cfg, device: torch.device, args, batch: int) -> dict:
     from igscale.models.compile import apply_compile, resolve_compile_mode
 
     torch.manual_seed(0)
-    m = build_model(cfg.model.name, **cfg.model.overrides).to(device).eval()
+    m = build_model(cfg.model.name, **cfg.model.arch_overrides()).to(device).eval()
     apply_compile(m, resolve_compile_mode(cfg.model.compile, device.type), backend=cfg.model.compile_backend)
     c = m.config
     x, t = torch.randn(batch, *c.latent_shape, device=device), torch.rand(batch, device=device)
