@@ -18,13 +18,12 @@ import time
 
 from igscale.cli.common import typed_main
 from igscale.core.cli_args import TypedArgParser
-from igscale.core.typed import to_dict
 from igscale.diffusion.presets import find_preset
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.commands import ReproduceConfig, show_presets
 from igscale.eval.evaluate import evaluate_npz, fetch_local
-from igscale.eval.fingerprint import file_fingerprint, input_fingerprints, provenance, scoring_record
-from igscale.eval.generate import SAMPLES_NPZ, assemble, describe, generate
+from igscale.eval.fingerprint import file_fingerprint, input_fingerprints, samples_meta, scoring_record
+from igscale.eval.generate import SAMPLES_NPZ, assemble, generate
 from igscale.eval.npz import validate_ref_npz
 from igscale.eval.setup import build_decoder, load_model, load_scorer, sampler_from_args, sampling_precision
 from igscale.storage import open_storage
@@ -65,11 +64,8 @@ def _run(args: ReproduceConfig, env) -> int:
         barrier()
         inputs = input_fingerprints(args) if env.is_main else {}
         if env.is_main:
-            assemble(args.out, cfg, {
-                **settings, **describe(cfg), "preset": args.preset, "sampler": to_dict(sampler),
-                "guidance": to_dict(guidance), "nfe_per_sample": sampler.nfe(), "label_protocol": cfg.labels,
-                "world_size": env.world_size, "seconds_last_run": round(time.perf_counter() - t0, 3),
-                "fingerprints": inputs, "provenance": provenance()}, log=print0)
+            assemble(args.out, cfg, samples_meta(args, settings, cfg, sampler, guidance, world_size=env.world_size,
+                                                 seconds=time.perf_counter() - t0, fingerprints=inputs), log=print0)
         barrier()
         samples = open_storage(args.out).url(SAMPLES_NPZ)
         with fetch_local(samples) as smp:

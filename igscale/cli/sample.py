@@ -13,11 +13,10 @@ import time
 
 from igscale.cli.common import typed_main
 from igscale.core.cli_args import TypedArgParser
-from igscale.core.typed import to_dict
 from igscale.distributed.env import barrier, device_for, print0
 from igscale.eval.commands import SampleConfig, show_presets
-from igscale.eval.fingerprint import input_fingerprints, provenance
-from igscale.eval.generate import assemble, describe, generate
+from igscale.eval.fingerprint import samples_meta
+from igscale.eval.generate import assemble, generate
 from igscale.eval.setup import build_decoder, load_model, sampler_from_args, sampling_precision
 
 PROG = "igscale sample"
@@ -45,10 +44,7 @@ def _run(args: SampleConfig, env) -> int:
     generate(model, decode, cfg, sampler, guidance, args.out, env, settings=settings, device=device, log=print)
     barrier()
     if env.is_main:
-        meta = {**settings, **describe(cfg), "sampler": to_dict(sampler), "guidance": to_dict(guidance),
-                "nfe_per_sample": sampler.nfe(), "label_protocol": cfg.labels, "world_size": env.world_size,
-                "seconds_last_run": round(time.perf_counter() - t0, 3), "preset": args.preset,
-                "fingerprints": input_fingerprints(args), "provenance": provenance()}
-        assemble(args.out, cfg, meta)
+        assemble(args.out, cfg, samples_meta(args, settings, cfg, sampler, guidance, world_size=env.world_size,
+                                             seconds=time.perf_counter() - t0))
     barrier()
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from igscale.storage import is_s3_url, open_storage, split_url
 
-__all__ = ["file_fingerprint", "sha256_of", "provenance", "input_fingerprints", "scoring_record"]
+__all__ = ["file_fingerprint", "sha256_of", "provenance", "input_fingerprints", "samples_meta", "scoring_record"]
 
 _BLOCK = 8 << 20
 
@@ -91,6 +91,20 @@ def _git_commit() -> str | None:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return os.environ.get("IGSCALE_GIT_COMMIT") or None
+
+
+def samples_meta(args, settings: dict, cfg, sampler, guidance, *, world_size: int, seconds: float,
+                 fingerprints: dict | None = None) -> dict:
+    """What `igscale sample` and `igscale reproduce` write into samples.json: the job's settings, sampler and
+    guidance, the run, and the inputs' fingerprints and provenance (`fingerprints`: already computed ones)."""
+    from igscale.core.typed import to_dict
+    from igscale.eval.generate import describe
+
+    return {**settings, **describe(cfg), "preset": args.preset, "sampler": to_dict(sampler),
+            "guidance": to_dict(guidance), "nfe_per_sample": sampler.nfe(), "label_protocol": cfg.labels,
+            "world_size": world_size, "seconds_last_run": round(seconds, 3),
+            "fingerprints": input_fingerprints(args) if fingerprints is None else fingerprints,
+            "provenance": provenance()}
 
 
 def provenance() -> dict:
