@@ -151,6 +151,19 @@ def test_sweep_end_to_end(assets, tmp_path):
     mtime = os.path.getmtime(out / "point_000" / "metrics.json")
     assert cli_sweep.main(argv) == 0
     assert os.path.getmtime(out / "point_000" / "metrics.json") == mtime
+    # --no-score samples the same grid (bitwise the same images) without a reference or Inception
+    bare = tmp_path / "bare"
+    no_score = [a for a in argv if a not in ("--ref", str(d / "ref.npz"), *_inception(weights))]
+    assert cli_sweep.main([*no_score[:no_score.index("--out") + 1], str(bare),
+                           *no_score[no_score.index("--out") + 2:], "--no-score"]) == 0
+    for i in range(2):
+        a, b = (np.load(o / f"point_{i:03d}" / "samples.npz")["arr_0"] for o in (out, bare))
+        assert np.array_equal(a, b)
+    assert not (bare / "point_000" / "metrics.json").exists() and not (bare / "sweep.png").exists()
+    assert "| point | w_ig | w_cfg | cfg_interval | ig_interval | samples |" in (bare / "sweep.md").read_text()
+    # scoring without a reference is a one-line usage error
+    assert cli_sweep.main([*no_score[:no_score.index("--out") + 1], str(bare),
+                           *no_score[no_score.index("--out") + 2:]]) == 2
 
 
 def test_eval_warns_when_reference_resolution_differs(assets, tmp_path, capsys):

@@ -389,3 +389,12 @@ def test_exit_with_an_abandoned_epoch_iterator_is_clean(moments_dataset, s3_serv
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, **s3_server.env}, capture_output=True,
                        text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0 and p.stdout.strip() == "ok" and "terminate" not in p.stderr, p.stderr[-2000:]
+
+
+def test_fewer_shards_than_ranks_is_refused(tmp_path):
+    """A rank without a shard would wait for data forever; the loader says so at construction instead."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"num_samples": 4, "mode": "mean_std", "shards": [{"key": "s0.tar", "count": 4}],
+                                    "latent": {"shape": [4, 2, 2], "dtype": "float32"}}))
+    with pytest.raises(ValueError, match="1 shard\\(s\\) for 2 ranks: use a smaller --samples-per-shard"):
+        LatentLoader(str(manifest), batch_size=2, rank=0, world_size=2)

@@ -7,6 +7,8 @@ r"""`igscale sweep`: one distributed job that samples and scores a grid of guida
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from igscale.cli.common import typed_main
 from igscale.core.cli_args import TypedArgParser
 from igscale.core.typed import to_dict
@@ -36,8 +38,9 @@ def _run(args: SweepConfig, env) -> int:
     root = open_storage(args.out)
     print0(f"sweep: {len(grid)} grid points x {cfg.num_samples} samples on {env.world_size} rank(s)")
     rows = []
-    with fetch_local(args.ref) as ref:
-        validate_ref_npz(ref)
+    with fetch_local(args.ref) if args.score else nullcontext() as ref:
+        if ref is not None:
+            validate_ref_npz(ref)
         points = scorer(ref)
         for pt in grid:
             row = points.score(pt, root.url(pt.name), cfg)
@@ -46,8 +49,8 @@ def _run(args: SweepConfig, env) -> int:
     if env.is_main:
         write_report(args.out, rows, {"num_samples": cfg.num_samples, "seed": cfg.seed, "label_protocol": cfg.labels,
                                       "sampler": to_dict(sampler), "ref": args.ref, "preset": args.preset,
-                                      **points.settings, **points.inputs})
-        print0(f"wrote {root.url('sweep.md')}, sweep.csv, sweep.json, sweep.png")
+                                      "scored": args.score, **points.settings, **points.inputs})
+        print0(f"wrote {root.url('sweep.md')}, sweep.csv, sweep.json" + (", sweep.png" if args.score else ""))
     return 0
 
 

@@ -218,10 +218,13 @@ class SampleConfig(ModelSource, DecoderArgs, SamplerArgs, GuidanceArgs, PresetLa
 class SweepConfig(ModelSource, DecoderArgs, SamplerArgs, GridArgs, PresetLabels, GenerationConfig, _Job):
     out: str
     """Folder or s3:// prefix; one sub-folder per grid point + the report."""
-    ref: str
-    """ADM reference batch npz (path or s3://)."""
-    inception: str
-    """Path, folder or s3:// URL of pt_inception-2015-12-05-6726825d.pth."""
+    ref: str | None = None
+    """ADM reference batch npz (path or s3://); required unless --no-score."""
+    inception: str | None = None
+    """Path, folder or s3:// URL of pt_inception-2015-12-05-6726825d.pth; required unless --no-score."""
+    score: bool = True
+    """Score every point with Inception against --ref; --no-score only samples the grid (one samples.npz per
+    point, shared seeds), for scoring with another evaluator or feature network."""
     num_samples: int = 10_000
     eval_batch_size: int = 64
     """Images per Inception forward, per rank."""
@@ -233,6 +236,9 @@ class SweepConfig(ModelSource, DecoderArgs, SamplerArgs, GridArgs, PresetLabels,
         _check_sections(self)
         if self.eval_batch_size < 1:
             raise ValueError(f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        if self.score and not (self.ref and self.inception):
+            raise ValueError("--ref and --inception are required to score the grid (or pass --no-score to only "
+                             "sample it)")
 
 
 @dataclass(kw_only=True)
@@ -315,6 +321,8 @@ class TuneConfig(SweepConfig):
 
     def __post_init__(self):
         SweepConfig.__post_init__(self)
+        if not self.score:
+            raise ValueError("igscale tune ranks candidates by FID, so it cannot run with --no-score")
         if not 1 <= self.start_samples <= self.num_samples:
             raise ValueError(f"--start-samples must lie in [1, --num-samples], got {self.start_samples}")
         if not 0.0 < self.keep < 1.0:

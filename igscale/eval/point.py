@@ -32,10 +32,11 @@ class GridScorer:
     """Model / decoder description (the sampling job identity's settings)."""
     inputs: dict
     """{"fingerprints": ..., "provenance": ...} on rank 0, {} elsewhere."""
-    inception: object
-    ref: str
+    inception: object | None
+    """None: the points are only sampled (`igscale sweep --no-score`)."""
+    ref: str | None
     """Local path of the reference batch."""
-    ref_url: str
+    ref_url: str | None
     env: DistEnv
     device: object
     eval_batch_size: int = 64
@@ -58,6 +59,8 @@ class GridScorer:
                                     "guidance": to_dict(pt.guidance), "label_protocol": cfg.labels,
                                     "preset": self.preset, **self.inputs}, log=self.log)
         barrier()
+        if self.inception is None:
+            return {**pt.row(), "samples": store.url(SAMPLES_NPZ)} if self.env.is_main else {}
         if not self._ref_feats:
             self._ref_feats.update(extract_features(self.ref, self.inception, self.env,
                                                     batch_size=self.eval_batch_size, device=self.device,
@@ -85,11 +88,11 @@ def open_grid(args, env: DistEnv, log: Callable[[str], None] = print):
     sampler, base = sampler_from_args(args, model=model, guidance_overrides=False)
     grid = make_grid(base, args.w_ig, args.w_cfg, args.cfg_interval, args.ig_interval)
     decode, dec_meta = build_decoder(args, device, latent_channels=model.config.in_channels)
-    inception = load_scorer(args.inception, device, args.allow_unverified_weights)
+    inception = load_scorer(args.inception, device, args.allow_unverified_weights) if args.score else None
     # hashed once on rank 0; every point's samples.json and metrics.json carries them
     inputs = {"fingerprints": input_fingerprints(args), "provenance": provenance()} if env.is_main else {}
 
-    def scorer(ref_local: str) -> GridScorer:
+    def scorer(ref_local: str | None) -> GridScorer:
         return GridScorer(model, decode, sampler, {**model_meta, **dec_meta}, inputs, inception, ref_local,
                           args.ref, env, device, args.eval_batch_size, args.preset, log)
 

@@ -54,26 +54,29 @@ def make_grid(base: GuidanceConfig, w_ig, w_cfg, cfg_intervals, ig_intervals) ->
 
 
 def write_report(out_url: str, rows: list[dict], meta: dict) -> None:
-    """sweep.md, sweep.csv, sweep.json and sweep.png under `out_url`."""
+    """sweep.md, sweep.csv, sweep.json and (for scored rows) sweep.png under `out_url`."""
     store = open_storage(out_url)
+    scored = all("fid" in r for r in rows)
+    columns = COLUMNS if scored else (*COLUMNS[:5], "samples")
     fmt = {"fid": "{:.3f}", "sfid": "{:.3f}", "inception_score": "{:.2f}", "precision": "{:.3f}", "recall": "{:.3f}"}
-    best = min(rows, key=lambda r: r["fid"])
+    best = min(rows, key=lambda r: r["fid"]) if scored else None
     md = [f"# Guidance sweep ({meta.get('num_samples')} samples per point, {meta.get('label_protocol')} labels, "
           f"shared seeds from {meta.get('seed')})", "", f"Sampler: `{json.dumps(meta.get('sampler'))}`", "",
-          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [fmt[c].format(r[c]) if c in fmt else str(r[c]) for c in COLUMNS]
+        cells = [fmt[c].format(r[c]) if c in fmt else str(r[c]) for c in columns]
         if r is best:
             cells = [f"**{c}**" for c in cells]
         md.append("| " + " | ".join(cells) + " |")
     store.put_text("sweep.md", "\n".join(md) + "\n")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     store.put_text("sweep.csv", buf.getvalue())
     store.put_text("sweep.json", json.dumps({"meta": meta, "rows": rows}, indent=2, sort_keys=True))
-    store.put_bytes("sweep.png", _plot(rows))
+    if scored:
+        store.put_bytes("sweep.png", _plot(rows))
 
 
 def _plot(rows: list[dict]) -> bytes:

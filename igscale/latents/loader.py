@@ -283,6 +283,8 @@ class LatentLoader:
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
         m, base = load_manifest(manifest_url, endpoint_url)
         self.manifest = m
+        if len(m["shards"]) < world_size:  # a rank without a shard would wait for data forever
+            raise ValueError(f"{len(m['shards'])} shard(s) for {world_size} ranks: use a smaller --samples-per-shard")
         self.norm = norm if isinstance(norm, LatentNorm) else LatentNorm.from_manifest(m, norm)
         self.batch_size, self.num_workers, self.rank, self.world_size = batch_size, num_workers, rank, world_size
         self.worker_type, self.return_keys = worker_type, return_keys  # return_keys: also "key" (B,) int64
