@@ -90,3 +90,4 @@ def test_reduced_demo_produces_every_artefact(tmp_path):
     for stage in ("precompute", "train", "export", "sample", "eval_inception"):
         assert (work / "logs" / f"{stage}.log").stat().st_size > 0
     assert "IG" in r.stdout and "stage times" in r.stdout and "code-path check" in r.stdout
+    assert "label accuracy: none" in r.stdout and "sampling noise up to +-0.125 at 16 samples" in r.stdout

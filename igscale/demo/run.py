@@ -33,7 +33,7 @@ SETTINGS = {(1.0, 1.0): "none", (W_IG, 1.0): "IG", (1.0, W_CFG): "CFG", (W_IG, W
 # Embedded training config, written into the run folder: a SiT-S/2 shape shrunk to the demo's 8x8x4 latents and
 # 4 toy classes (wider and deeper than configs/tiny_cpu.yaml, which sizes the tests).
 TRAIN_CONFIG = {
-    "model": {"name": "SiT-S/2", "input_size": 8, "in_channels": 4, "hidden_size": 128, "depth": 6, "num_heads": 4,
+    "model": {"name": "SiT-S/2", "input_size": 8, "in_channels": 4, "hidden_size": 96, "depth": 6, "num_heads": 4,
               "num_classes": 4, "ig_layers": [2]},
     "data": {"num_workers": 1, "shuffle_buffer": 256},
     "loss": {"path": "linear", "aux_weight": 0.5, "t_sampling": "uniform", "label_dropout": 0.1},
@@ -240,7 +240,8 @@ def _stages(a, stage, work, logs, root, vae_url, env, py, torchrun) -> dict:
         write_grid(rows, [CLASSES[c].split("_")[1] for c in np.repeat(np.arange(len(CLASSES)), 2)], grid)
 
     log = [json.loads(line) for line in (work / "train" / "train_log.jsonl").read_text().splitlines() if line]
-    return {"images": n, "autoencoder": ae, "metrics": metrics, "inception_code_path": inception, "grid": str(grid),
+    return {"images": n, "num_samples": a.num_samples, "autoencoder": ae, "metrics": metrics,
+            "inception_code_path": inception, "grid": str(grid),
             "sweep": sweep, "guidance": {"w_ig": W_IG, "w_cfg": W_CFG},
             "loss": [log[0]["train/loss"], log[-1]["train/loss"]] if log else None}
 
@@ -293,6 +294,10 @@ def _print_summary(s: dict, work: Path, root: str, logs: Path, s3) -> None:
         "IG does NOT lower the Frechet distance at this scale in every pairing"
     print(f"  {verdict}: fd none {m['none']['fd']:.3f} -> IG {m['IG']['fd']:.3f}; "
           f"CFG {m['CFG']['fd']:.3f} -> CFG+IG {m['CFG+IG']['fd']:.3f}")
+    noise = (0.25 / s["num_samples"]) ** 0.5  # the largest binomial standard error of an accuracy over n samples
+    print(f"  label accuracy: none {m['none']['accuracy']:.3f} -> IG {m['IG']['accuracy']:.3f}; CFG "
+          f"{m['CFG']['accuracy']:.3f} -> CFG+IG {m['CFG+IG']['accuracy']:.3f} (sampling noise up to "
+          f"+-{noise:.3f} at {s['num_samples']} samples per setting)")
     inc = s["inception_code_path"]
     print("  Inception evaluation path (RANDOM-WEIGHT Inception, a code-path check, not a FID): " + ", ".join(
         f"{k} {inc[k]:.3f}" for k in ("fid", "sfid", "inception_score", "precision", "recall") if k in inc))
