@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from igscale.vae import VAE_KINDS
+from igscale.vae import VAE_KINDS, to_model_pixels
 
 __all__ = ["DEMO_VAE", "train_autoencoder", "whiten_latents", "save_autoencoder", "reconstruction_mse", "heldout_mse"]
 
@@ -28,10 +28,6 @@ DEMO_VAE = dict(VAE_KINDS["sd-vae"], block_out_channels=(16, 32, 32, 32), layers
 
 
 _OPPONENT = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, -0.5, 0.0], [0.25, 0.25, -0.5]])
-
-
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W) in [-1, 1]
 
 
 def train_autoencoder(images: np.ndarray, *, steps: int = 300, batch_size: int = 16, crop: int = 32, lr: float = 2e-3,
@@ -48,7 +44,7 @@ def train_autoencoder(images: np.ndarray, *, steps: int = 300, batch_size: int =
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x_all = _pixels(images)
+    x_all = to_model_pixels(np.ascontiguousarray(images), "cpu", torch.float32)
     vae = AutoencoderKL(**DEMO_VAE).train()
     with torch.no_grad():  # start the posterior std at ~0.05: a std of 1 would drown the colours in sampling noise
         c = vae.config.latent_channels
@@ -112,7 +108,7 @@ def reconstruction_mse(vae, images: np.ndarray) -> float:
     """Pixel MSE (in [-1, 1]) of uint8 NHWC images decoded from their posterior means, clamped as when saved."""
     err = []
     for i in range(0, len(images), 64):
-        x = _pixels(images[i:i + 64])
+        x = to_model_pixels(np.ascontiguousarray(images[i:i + 64]), "cpu", torch.float32)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         err.append(float((rec - x).square().mean()) * len(x))
     return sum(err) / len(images)

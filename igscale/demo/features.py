@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from igscale.eval.fid import compute_stats, frechet_distance
 from igscale.eval.metrics import precision_recall
+from igscale.vae import to_model_pixels
 
 __all__ = ["ShapeNet", "train_shape_net", "embed", "score_samples"]
 
@@ -36,16 +37,12 @@ class ShapeNet(nn.Module):
         return self.out(self.features(x))  # (B, num_classes) logits
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def train_shape_net(images: np.ndarray, labels: np.ndarray, *, epochs: int = 6, batch_size: int = 32,
                     lr: float = 2e-3, seed: int = 0) -> ShapeNet:
     """Adam on uint8 NHWC images with random flips and ±2 px shifts, so features track shape, not position."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, y = _pixels(images), torch.as_tensor(labels, dtype=torch.long)
+    x, y = to_model_pixels(np.ascontiguousarray(images), "cpu", torch.float32), torch.as_tensor(labels, dtype=torch.long)
     net = ShapeNet(int(y.max()) + 1).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(epochs):
@@ -68,7 +65,7 @@ def embed(net: ShapeNet, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F) float64, predicted class (N,)) of uint8 NHWC images."""
     feats, preds = [], []
     for i in range(0, len(images), 256):
-        x = _pixels(images[i:i + 256])
+        x = to_model_pixels(np.ascontiguousarray(images[i:i + 256]), "cpu", torch.float32)
         f = net.features(x)
         feats.append(f.double().numpy())
         preds.append(net.out(f).argmax(1).numpy())
