@@ -52,22 +52,16 @@ def toy_images(per_class: int = 24, size: int = 80, seed: int = 0):
             yield f"{name}/{name}_{i:04d}.JPEG", label, buf.getvalue()
 
 
-def write_toy_tree(store, per_class: int = 24, size: int = 80, seed: int = 0) -> int:
-    """Write the toy set through an igscale.storage Storage (local folder or s3:// prefix). Returns the count."""
-    return len(_put_all(store, toy_images(per_class, size, seed)))
-
-
-def _put_all(store, items) -> list:
-    """Write (key, label, bytes) items with a few concurrent PUTs (object stores are latency-bound); returns them."""
-    items = list(items)
+def _put_all(store, items: list) -> None:
+    """Write (key, label, bytes) items with a few concurrent PUTs (object stores are latency-bound)."""
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda it: store.put_bytes(it[0], it[2]), items))
-    return items
 
 
 def toy_arrays(per_class: int = 24, size: int = 64, seed: int = 0, store=None) -> tuple[np.ndarray, np.ndarray]:
     """The toy set as the pipeline sees it (JPEG-decoded, ADM centre crop to `size`): uint8 (N, size, size, 3) and
-    int64 labels (N,); also written as the JPEG tree to `store` if given. The demo's training and reference images."""
+    int64 labels (N,); also written as the JPEG tree through `store` (an igscale.storage Storage: local folder or
+    s3:// prefix) if given. The demo's training and reference images."""
     from data_pipeline.crop import center_crop_adm
 
     items = list(toy_images(per_class, seed=seed))
