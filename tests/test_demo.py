@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from igscale.demo.autoencoder import heldout_mse, reconstruction_mse, save_autoencoder, train_autoencoder
+from igscale.demo.autoencoder import heldout_mse, reconstruction_mse, train_autoencoder
 from igscale.demo.toy import CLASSES, toy_arrays
+from igscale.demo.weights import save_vae
 from igscale.storage import open_storage
 from igscale.vae import build_vae
 
@@ -54,7 +55,7 @@ def test_demo_autoencoder_reconstructs_heldout_images(tmp_path):
     res = heldout_mse(vae, held_x)
     # measured ~4-5x after 150-300 steps; 2.5x leaves room for other BLAS kernels' training trajectories
     assert res["ratio"] > 2.5, res
-    save_autoencoder(vae, open_storage(str(tmp_path / "vae")))
+    save_vae(vae, open_storage(str(tmp_path / "vae")))
     loaded = build_vae("sd-vae", str(tmp_path / "vae"))
     assert loaded.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
     for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()):

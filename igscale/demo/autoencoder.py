@@ -2,15 +2,13 @@
 narrow enough to train on a CPU in well under a minute, on the demo's toy images.
 
 No published weights can be downloaded here, so the demo makes its own, then saves them exactly as the SD-VAE release
-is laid out (a diffusers folder: config.json + diffusion_pytorch_model.safetensors). Precompute, sampling and the
+is laid out (a diffusers folder, `igscale.demo.weights.save_vae`). Precompute, sampling and the
 grid then load it through `igscale.vae.build_vae("sd-vae", url)` like the real weights. After training its latent
 channels are whitened (`whiten_latents`), so SD-VAE's scalar scaling (1.0) hands the diffusion model unit-scale
 latents in every channel.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 
 from igscale.vae import VAE_KINDS, to_model_pixels
 
-__all__ = ["DEMO_VAE", "train_autoencoder", "whiten_latents", "save_autoencoder", "reconstruction_mse", "heldout_mse"]
+__all__ = ["DEMO_VAE", "train_autoencoder", "whiten_latents", "reconstruction_mse", "heldout_mse"]
 
 # SD-VAE's block structure at a fraction of its width (and one res-block per level)
 DEMO_VAE = dict(VAE_KINDS["sd-vae"], block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
@@ -93,14 +91,6 @@ def whiten_latents(vae, mu: torch.Tensor, sd: torch.Tensor) -> None:
     pq.bias += pq.weight[:, :, 0, 0] @ mu  # post_quant_conv(z' * sd + mu)
     pq.weight *= sd.view(1, c, 1, 1)
     vae.register_to_config(scaling_factor=1.0)
-
-
-def save_autoencoder(vae, store) -> None:
-    """Write the diffusers folder (config.json + diffusion_pytorch_model.safetensors) through a Storage."""
-    with tempfile.TemporaryDirectory() as d:
-        vae.save_pretrained(d, safe_serialization=True)
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-            store.put_file(name, os.path.join(d, name))
 
 
 @torch.no_grad()

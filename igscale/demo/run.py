@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from igscale.demo.local_s3 import start_s3_server
 
-    # Ray's unix socket paths must stay under 108 bytes, so its session folder cannot live under a deep --workdir
-    ray_tmp = tempfile.mkdtemp(prefix="igscale-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     with stage("S3 server"):
         s3 = start_s3_server(work / "s3")
     _say(f"S3 endpoint {s3.endpoint_url} (pid {s3.pid})")
+    # Ray's unix socket paths must stay under 108 bytes, so its session folder cannot live under a deep --workdir
+    ray_tmp = tempfile.mkdtemp(prefix="igscale-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     try:
         env = dict(os.environ, **s3.env, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
                    RAY_TMPDIR=ray_tmp, TMPDIR=str(work / "tmp"), OMP_NUM_THREADS="1",
@@ -167,11 +167,12 @@ def _stages(a, stage, work, logs, root, vae_url, env, py, torchrun) -> dict:
     _say(f"{n} toy images in {root}/images; {len(held_x)} held-out images for the reference")
 
     with stage("autoencoder"):
-        from igscale.demo.autoencoder import heldout_mse, save_autoencoder, train_autoencoder
+        from igscale.demo.autoencoder import heldout_mse, train_autoencoder
+        from igscale.demo.weights import save_vae
 
         torch.set_num_threads(2)
         vae, _ = train_autoencoder(train_x, steps=a.ae_steps, log=_say)
-        save_autoencoder(vae, open_storage(vae_url))
+        save_vae(vae, open_storage(vae_url))
         ae = heldout_mse(vae, held_x[::4])
     _say(f"autoencoder saved to {vae_url}: held-out reconstruction MSE {ae['trained']:.4f}, "
          f"{ae['ratio']:.1f}x lower than the same network with random weights ({ae['random']:.4f})")

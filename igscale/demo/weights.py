@@ -19,7 +19,12 @@ def save_random_vae(store, kind: Literal["sd-vae", "va-vae-f16d32"] = "sd-vae",
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**dict(VAE_KINDS[kind], block_out_channels=block_out_channels))
+    save_vae(AutoencoderKL(**dict(VAE_KINDS[kind], block_out_channels=block_out_channels)), store)
+
+
+def save_vae(vae, store) -> None:
+    """Write an AutoencoderKL as the published VAE folders are laid out (config.json +
+    diffusion_pytorch_model.safetensors) through a Storage (local folder or s3:// prefix)."""
     with tempfile.TemporaryDirectory() as d:
         vae.save_pretrained(d, safe_serialization=True)
         for name in ("config.json", "diffusion_pytorch_model.safetensors"):
