@@ -20,7 +20,8 @@ import torch
 from igscale.checkpoint.store import Checkpointer
 from igscale.distributed.engine import assemble_flat
 
-__all__ = ["write_rank_files", "read_trainer", "read_ema", "read_config", "read_export_inputs", "consolidate_ema"]
+__all__ = ["write_rank_files", "read_trainer", "read_ema", "read_config", "read_export_inputs", "consolidate_ema",
+           "reshard_ema"]
 
 CONFIG, MODEL_CONFIG = "config.json", "model_config.json"
 
@@ -78,6 +79,25 @@ def consolidate_ema(d: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"sharded EMA needs {first['world_size']} rank files, found {len(parts)}")
     return {name: assemble_flat([(p["layout"][name][0], p["ema"]["shadow"][name]) for p in parts], shape, numel)
             for name, (_, shape, numel) in first["layout"].items()}
+
+
+def reshard_ema(full: dict[str, torch.Tensor], views: list[tuple[str, torch.Tensor]],
+                view_layout: dict[str, tuple[int, list[int], int]]) -> dict:
+    """An EMA state dict for this rank's views (any world size, ZeRO stage) from the consolidated EMA: each view
+    is the slice at its start of the flattened tensor, zeros past its end (ZeRO-3's padding)."""
+    shadow = {}
+    for name, view in views:
+        if name not in full:
+            raise ValueError(f"the checkpoint's EMA has no tensor {name!r}")
+        start, shape, numel = view_layout[name]
+        if list(full[name].shape) != list(shape):
+            raise ValueError(f"EMA {name}: checkpoint shape {tuple(full[name].shape)} != {tuple(shape)}")
+        flat = full[name].flatten().float()
+        out = torch.zeros(view.numel(), dtype=torch.float32)
+        n = max(0, min(view.numel(), numel - start))
+        out[:n] = flat[start:start + n]
+        shadow[name] = out.view(view.shape)
+    return {"shadow": shadow}
 
 
 def read_export_inputs(ck: Checkpointer, tag: str, dest: str) -> tuple[dict, dict[str, torch.Tensor]]:

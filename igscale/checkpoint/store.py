@@ -207,3 +207,35 @@ class Checkpointer:
     def read_meta(self, tag: str) -> dict:
         return json.loads(self.storage.get_text(f"{tag}/{COMPLETE}"))
 
+    # -- derived folders (e.g. the universal form of a tag), cached next to it and removed with it ----------
+    def put_folder(self, tag: str, name: str, folder: str, meta: dict | None = None) -> int:
+        """Upload `folder` as <tag>/<name>/..., then its COMPLETE record (files, sizes, sha256). Returns bytes."""
+        check_tag(tag, f"checkpoint in {self.url}")
+        files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+        for rel in files:
+            self.storage.put_file(f"{tag}/{name}/{rel}", os.path.join(folder, rel))
+        sizes = {rel: os.path.getsize(os.path.join(folder, rel)) for rel in files}
+        sums = {rel: _sha256(os.path.join(folder, rel)) for rel in files}
+        self.storage.put_text(f"{tag}/{name}/{COMPLETE}", json.dumps(dict(meta or {}, files=files, sizes=sizes,
+                                                                          sha256=sums)))
+        return sum(sizes.values())
+
+    def folder_meta(self, tag: str, name: str) -> dict | None:
+        """The COMPLETE record of <tag>/<name>, or None when it was never (completely) uploaded."""
+        key = f"{check_tag(tag, f'checkpoint in {self.url}')}/{name}/{COMPLETE}"
+        return json.loads(self.storage.get_text(key)) if self.storage.exists(key) else None
+
+    def get_folder(self, tag: str, name: str, dest: str) -> str:
+        """Download <tag>/<name> (which must be complete) into dest, checking every file's sha256. Returns dest."""
+        rec = self.folder_meta(tag, name)
+        if rec is None:
+            raise CheckpointError(f"{self.url}/{tag}/{name} is not complete; it will not be loaded")
+        shutil.rmtree(dest, ignore_errors=True)
+        for rel in rec["files"]:
+            path = _inside(dest, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.storage.get_file(f"{tag}/{name}/{rel}", path)
+            if _sha256(path) != rec["sha256"][rel]:
+                raise CheckpointError(f"{self.url}/{tag}/{name}/{rel} does not match its recorded sha256")
+        return dest
+

@@ -114,7 +114,6 @@ def _run(cfg) -> int:
     from igscale.checkpoint.store import Checkpointer
     from igscale.distributed.engine import init_deepspeed_distributed
     from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
-    from igscale.latents.loader import LatentLoader
     from igscale.models.flops import train_flops_per_image
     from igscale.monitor.metrics import MetricsSink, peak_flops
     from igscale.ops.attention import attention_kind
@@ -125,7 +124,6 @@ def _run(cfg) -> int:
     owns_group = not dist.is_initialized()  # Ray Train creates (and later destroys) its own group
     env = init_distributed(detect_env())
     rank, world = env.rank, env.world_size
-    micro = cfg.micro_batch(world)
     device = device_for(env)
     init_deepspeed_distributed()
     run_dir = cfg.run_dir
@@ -135,12 +133,7 @@ def _run(cfg) -> int:
     metrics = None
     try:
         model_config = cfg.model.resolve()  # checks the data against the model before DeepSpeed starts
-        loader = LatentLoader(cfg.data.manifest_url, batch_size=micro, rank=rank, world_size=world,
-                              num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                              shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
-                              on_corrupt=cfg.data.on_corrupt, worker_type=cfg.data.worker_type,
-                              finish_on=(("device" if device.type == "cuda" else "workers")
-                                            if cfg.data.finish_on == "auto" else cfg.data.finish_on))
+        loader = make_loader(cfg, rank, world, device)
         if tuple(loader.latent_shape) != tuple(model_config.latent_shape):
             raise ConfigError(f"data latents have shape {tuple(loader.latent_shape)} but model "
                               f"{cfg.model.name} expects {tuple(model_config.latent_shape)}")
@@ -182,6 +175,19 @@ def _run(cfg) -> int:
             metrics.close()
         if owns_group:
             destroy_distributed()
+
+
+def make_loader(cfg, rank: int, world: int, device):
+    """The training loader of `igscale train`: the run's data position survives a change of world size."""
+    from igscale.latents.elastic import ElasticLoader
+
+    return ElasticLoader(cfg.data.manifest_url, batch_size=cfg.micro_batch(world), rank=rank, world_size=world,
+                         num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, endpoint_url=cfg.data.endpoint_url,
+                         on_corrupt=cfg.data.on_corrupt, worker_type=cfg.data.worker_type,
+                         return_keys=cfg.logging.sample_keys,
+                         finish_on=(("device" if device.type == "cuda" else "workers")
+                                    if cfg.data.finish_on == "auto" else cfg.data.finish_on))
 
 
 def _export(trainer, model_config, ckpt, rank: int) -> None:

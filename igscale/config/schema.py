@@ -250,6 +250,8 @@ class LoggingSection:
     tensorboard: bool = True
     peak_tflops: float = 0.0
     """Per-device peak for the MFU estimate; 0 picks a known value for the GPU (or none on CPU)."""
+    sample_keys: bool = False
+    """Audit the data order: each rank appends every step's sample keys to <run_dir>/sample_keys/rank*.jsonl."""
 
     def __post_init__(self):
         if self.every_steps < 1 or self.peak_tflops < 0:

@@ -310,8 +310,16 @@ class DeepSpeedEngine:
         os.makedirs(save_dir, exist_ok=True)
         self.ds.save_checkpoint(save_dir, tag=tag, save_latest=False)
 
-    def load(self, load_dir: str, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    def load(self, load_dir: str, tag: str, *, universal: bool = False) -> None:
+        """universal: load_dir/tag is DeepSpeed's universal checkpoint (any world size). DeepSpeed reads its
+        `checkpoint.load_universal` setting only while loading, so it is switched on for this load alone."""
+        conf = self.ds._config
+        before = conf.load_universal_checkpoint
+        conf.load_universal_checkpoint = universal
+        try:
+            path, _ = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        finally:
+            conf.load_universal_checkpoint = before
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {load_dir}")

@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from igscale.checkpoint import layout
+from igscale.checkpoint import layout, universal
 from igscale.config.schema import RunConfig
 from igscale.core.typed import ConfigError, to_dict
+from igscale.latents.elastic import merge_states
 from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
 from igscale.training.resume_check import frozen_changes
@@ -99,17 +100,48 @@ class Trainer:
         tag = self.ckpt.latest_tag() if self.cfg.checkpoint.resume else None
         if tag is None:
             return False
-        local = self.ckpt.download(tag)
-        d = os.path.join(local, tag)
-        self._check_config(d, tag)
-        self.engine.load(local, tag)
-        tr = layout.read_trainer(d, self.rank)
+        saved = int(self.ckpt.read_meta(tag).get("world_size", self.world_size))
+        if saved == self.world_size:
+            local = self.ckpt.download(tag)
+            d = os.path.join(local, tag)
+            self._check_config(d, tag)
+            self.engine.load(local, tag)
+            tr = layout.read_trainer(d, self.rank)
+            self.loader.load_state_dict(tr["loader"])
+            self.ema.load_state_dict(layout.read_ema(d, self.rank, self.engine.sharded_views))
+        else:
+            d, tr = self._resume_resized(tag, saved)
         self.state.load_state_dict(tr["state"])
-        self.loader.load_state_dict(tr["loader"])
         torch.set_rng_state(tr["torch_rng"])
-        self.ema.load_state_dict(layout.read_ema(d, self.rank, self.engine.sharded_views))
         self.log(f"resumed from {self.ckpt.url}/{tag} at step {self.state.step} ({self.state.nimg} images)")
         return True
+
+    def _resume_resized(self, tag: str, saved: int) -> tuple[str, dict]:
+        """Resume at another world size: weights and optimizer through DeepSpeed's universal checkpoint, the EMA
+        consolidated and re-sliced for this rank's views, the data from every saved rank's canonical streams."""
+        t0 = time.time()
+        self.log(f"resuming at world size {self.world_size} from a checkpoint saved at world size {saved} "
+                 f"({self.ckpt.url}/{tag})")
+        convert = universal.needs_conversion(self.ckpt.verify(tag))
+        is_cached = convert and universal.cached(self.ckpt, tag)
+        small = lambda rel: rel.startswith(("trainer_rank", "ema_rank")) or rel.endswith(".json")  # noqa: E731
+        # the DeepSpeed files are needed by whoever converts (rank 0), or by all ranks if there is nothing to convert
+        full = not convert or (self.rank == 0 and not is_cached)
+        local = self.ckpt.download(tag, only=None if full else small)
+        d = os.path.join(local, tag)
+        self._check_config(d, tag)
+        if convert:
+            self.engine.load(universal.prepare(self.ckpt, tag, local, rank=self.rank, is_cached=is_cached,
+                                               log=self.log), universal.NAME, universal=True)
+        else:
+            self.engine.load(local, tag)
+        self.loader.load_state_dict(merge_states([layout.read_trainer(d, r)["loader"] for r in range(saved)]))
+        self.ema.load_state_dict(layout.reshard_ema(layout.consolidate_ema(d), self.engine.param_views(),
+                                                    self.engine.view_layout()))
+        tr = layout.read_trainer(d, min(self.rank, saved - 1))
+        self.log(f"resharded {saved} -> {self.world_size} ranks in {time.time() - t0:.1f}s; data: "
+                 f"{self.loader.position() if hasattr(self.loader, 'position') else 'restored'}")
+        return d, tr
 
     def _check_config(self, d: str, tag: str) -> None:
         """Refuse to resume into a different experiment (model, loss, data order), unless explicitly allowed."""
@@ -187,7 +219,7 @@ class Trainer:
             if code is not None:  # step `step` was voided on the device: save the state after the previous one
                 self._loader_state = before
                 return self._stop(code)
-            pending = (step, handle, self.engine.lr())
+            pending = (step, handle, self.engine.lr(), self._keys(batches))
             nxt = step + 1
             if nxt == self.total_steps or any(e and nxt % e == 0 for e in (cfg.sample.every_steps,
                                                                              cfg.checkpoint.every_steps)):
@@ -204,10 +236,22 @@ class Trainer:
         self.metrics.flush()
         return EXIT_OK
 
-    def _resolve(self, step: int, handle, lr: float) -> int | None:
+    def _keys(self, batches: list[dict]) -> list[int] | None:
+        """The step's sample keys (CPU tensors: no device sync) when logging.sample_keys audits the data order."""
+        return [k for b in batches for k in b["key"].tolist()] if self.cfg.logging.sample_keys else None
+
+    def _audit(self, step: int, keys: list[int], skipped: bool) -> None:
+        d = os.path.join(self.cfg.run_dir, "sample_keys")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"rank{self.rank:05d}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "world_size": self.world_size, "skipped": skipped, "keys": keys}) + "\n")
+
+    def _resolve(self, step: int, handle, lr: float, keys: list[int] | None = None) -> int | None:
         """Book step `step` from its flags: EMA, counters, logs. Returns an exit code if the run must stop."""
         cfg, st = self.cfg, self.state
         res = handle.result()
+        if keys is not None:  # the step's data is consumed even when its update was skipped
+            self._audit(step, keys, res.skipped)
         if not res.skipped:
             self.ema.update(self.engine.param_views())  # queued before the next step's optimizer update
         st.step += 1

@@ -107,10 +107,12 @@ def launch_step(engine, batches: list[dict], cfg: RunConfig, *, rank: int, world
         noise, t, drop = draw_step_randomness(cfg, rank=rank, step=step, micro=micro, shape=tuple(x0.shape))
         terms = ig_loss(model_fn, x0, y, t.to(device), noise.to(device), path=cfg.loss.path,
                         aux_weight=cfg.loss.aux_weight, cosine_loss=cfg.loss.cosine_loss, drop_mask=drop.to(device))
-        local = torch.stack([terms[k].detach().mean() for k in ("loss", "main", "aux", "cos")]).double()  # (4,)
+        # a rank's piece of an elastic round's tail can be empty: it adds zero loss and zero gradient, not NaN
+        reduce = torch.mean if x0.shape[0] else torch.sum
+        local = torch.stack([reduce(terms[k].detach()) for k in ("loss", "main", "aux", "cos")]).double()  # (4,)
         flags[_LOSS] += local.nan_to_num(0.0, 0.0, 0.0)
         flags[_BAD] += (~torch.isfinite(local)).any().double()
-        engine.backward(terms["loss"].mean())
+        engine.backward(reduce(terms["loss"]))
         if micro < len(batches) - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-batch
     flags[_STOP] = float(stop_flag)  # a fill on the device, not a copy
