@@ -69,6 +69,17 @@ def _saved(url, tag, tmp) -> tuple[dict, dict]:
             layout.consolidate_ema(os.path.join(local, tag)))
 
 
+def _dry_run(capsys, data, *args) -> str:
+    from igscale.cli.train import main as train_main
+
+    flags = [a for a in args if a.startswith("--") or a.isdigit()]
+    overrides = [a for a in args if a not in flags]
+    capsys.readouterr()
+    assert train_main(["--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run", *flags,
+                       f"data.manifest_url={data.manifest}", *COMMON, *overrides]) == 0
+    return capsys.readouterr().out.splitlines()[-1]
+
+
 def _seen(run_dir) -> list[tuple[int, int, int]]:
     """(step, world size, key) of every sample every rank trained on."""
     out = []
@@ -81,8 +92,8 @@ def _seen(run_dir) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("stage,probe_step,probe_from,probe_to", [(2, 3, 2, 1), (3, 6, 1, 3)])
-def test_two_then_one_then_three_ranks_within_one_epoch(data, s3_server, tmp_path, stage, probe_step, probe_from,
-                                                        probe_to):
+def test_two_then_one_then_three_ranks_within_one_epoch(data, s3_server, tmp_path, capsys, stage, probe_step,
+                                                        probe_from, probe_to):
     env = _env(s3_server, tmp_path)
     url = f"s3://{data.bucket}/runs/elastic{stage}"
     run_dir = str(tmp_path / "run")
@@ -123,6 +134,13 @@ def test_two_then_one_then_three_ranks_within_one_epoch(data, s3_server, tmp_pat
         assert ((a - b).abs() <= bound).all(), (name, (a - b).abs().max().item())
         worst = max(worst, (a - w0).abs().max().item())
     assert worst > 1e3 * 16 * eps * 3.2 * lr  # the step is far above the bound: a lost state would show
+
+    # a dry run says what a start at another size would do (latest is step 11, saved by 3 ranks)
+    plan = _dry_run(capsys, data, z, f"checkpoint.url={url}", "--world-size", "2")
+    assert (f"resuming at world size 2 from a checkpoint saved at world size 3 ({url}/step_{STEPS:09d}, step "
+            f"{STEPS}): weights and optimizer state through DeepSpeed's universal checkpoint, converted once") in plan
+    assert "as saved: an exact resume" in _dry_run(capsys, data, z, f"checkpoint.url={url}", "--world-size", "3")
+    assert "cannot start at world size 5" in _dry_run(capsys, data, z, f"checkpoint.url={url}", "--world-size", "5")
 
     # the loss continues: the elastic run vs an uninterrupted 2-rank run of the same epoch
     ref_dir = str(tmp_path / "ref")

@@ -19,7 +19,10 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igscale train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved config and what a start would do with the run's checkpoints")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="with --dry-run: plan the resume for this many ranks (default: the launcher's, else 1)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if model/loss/data-order settings differ from the checkpoint's (recorded)")
     p.add_argument("--ray-workers", type=int, default=0,
@@ -52,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         from igscale.config.load import config_to_yaml
+        from igscale.distributed.env import detect_env
 
         print(config_to_yaml(cfg), end="")
+        print(f"# {resume_plan(cfg, args.world_size or detect_env().world_size)}")
         return 0
     if args.ray_workers:
         return _ray_launch(cfg, args)
@@ -175,6 +180,46 @@ def _run(cfg) -> int:
             metrics.close()
         if owns_group:
             destroy_distributed()
+
+
+def resume_plan(cfg, world: int) -> str:
+    """One line on what a start at `world` ranks does with the run's checkpoints (reads only their records)."""
+    import tempfile
+
+    from igscale.checkpoint import universal
+    from igscale.checkpoint.store import Checkpointer
+
+    url = cfg.checkpoint.url or os.path.join(cfg.run_dir, "checkpoints")
+    try:
+        cfg.micro_batch(world)
+    except ValueError as e:
+        return f"cannot start at world size {world}: {e}"
+    if not cfg.checkpoint.resume:
+        return f"starts at step 0 on {world} rank(s) (checkpoint.resume=false)"
+    fresh = f"no checkpoint at {url}: starts at step 0 on {world} rank(s)"
+    if "://" not in url and not os.path.isdir(url):
+        return fresh
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = Checkpointer(url, tmp, endpoint_url=cfg.data.endpoint_url)
+            tag = ck.latest_tag()
+            if tag is None:
+                return fresh
+            meta = ck.read_meta(tag)
+            saved, step = int(meta.get("world_size", world)), meta.get("step")
+            if saved == world:
+                return f"resuming {url}/{tag} (step {step}) at world size {world}, as saved: an exact resume"
+            if not universal.needs_conversion(ck.verify(tag)):
+                how = "no ZeRO partitions, loaded as saved"
+            elif ck.folder_meta(tag, universal.NAME) is not None:
+                how = f"DeepSpeed's universal checkpoint, cached at {url}/{tag}/{universal.NAME}"
+            else:
+                how = "DeepSpeed's universal checkpoint, converted once by rank 0 and cached next to the tag"
+            return (f"resuming at world size {world} from a checkpoint saved at world size {saved} ({url}/{tag}, "
+                    f"step {step}): weights and optimizer state through {how}; the EMA re-sharded; the data "
+                    "continue from the same global sample position")
+    except Exception as e:  # noqa: BLE001 - a dry run reports, it does not fail on storage
+        return f"could not read the checkpoints at {url}: {type(e).__name__}: {e}"
 
 
 def make_loader(cfg, rank: int, world: int, device):
