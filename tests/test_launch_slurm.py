@@ -47,6 +47,25 @@ def _job_env(s3_server, tmp: Path) -> dict:
     return {**base_env(s3_server.env, tmp), "IGSCALE_PYTHON": sys.executable}
 
 
+def _preempt_and_wait_requeued(cluster, job: int, run_dir: Path, tmp: Path) -> None:
+    """USR1 once the job has trained a few steps; returns when it has checkpointed and requeued itself (PENDING)."""
+    deadline = time.monotonic() + 180
+    while max_step(run_dir) < 3:
+        assert time.monotonic() < deadline, _out(tmp, job)[-4000:]
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _out(tmp, job)
+        time.sleep(0.2)
+    cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
+    # The job checkpoints, requeues itself and waits for its BeginTime (about 2 minutes); the caller releases it.
+    deadline = time.monotonic() + 120
+    while True:
+        info = cluster.job(job)
+        if info["JobState"] == "PENDING" and int(info.get("Restarts", 0)) >= 1:
+            break
+        assert info["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"), f"{info}\n{_out(tmp, job)}"
+        assert time.monotonic() < deadline, f"not requeued: {info}\n{_out(tmp, job)[-4000:]}"
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def reference_job(slurm_cluster, s3_server, latents, tmp_path_factory):
     """An uninterrupted 2-node job (also the completed-job test's subject)."""
@@ -97,21 +116,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm_
     run_dir = tmp_path / "run"
     job = _sbatch(slurm_cluster, tmp_path, _job_env(s3_server, tmp_path), "train", "--config", TINY,
                   *train_overrides(run_dir, manifest, f"s3://{bucket}/ckpt/preempt", STEPS))
-    deadline = time.monotonic() + 180
-    while max_step(run_dir) < 3:
-        assert time.monotonic() < deadline, _out(tmp_path, job)[-4000:]
-        assert slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _out(tmp_path, job)
-        time.sleep(0.2)
-    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
-    # The job checkpoints, requeues itself and waits for its BeginTime (about 2 minutes): release it now.
-    deadline = time.monotonic() + 120
-    while True:
-        info = slurm_cluster.job(job)
-        if info["JobState"] == "PENDING" and int(info.get("Restarts", 0)) >= 1:
-            break
-        assert info["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"), f"{info}\n{_out(tmp_path, job)}"
-        assert time.monotonic() < deadline, f"not requeued: {info}\n{_out(tmp_path, job)[-4000:]}"
-        time.sleep(0.3)
+    _preempt_and_wait_requeued(slurm_cluster, job, run_dir, tmp_path)
     preempted_at = max_step(run_dir)
     assert 3 <= preempted_at < STEPS, preempted_at
     s3 = s3_server.client()
@@ -130,6 +135,27 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm_
     assert sorted(got) == list(range(1, STEPS + 1))
     # the resumed job draws exactly what the uninterrupted one did: identical loss trajectories
     assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-6, abs=1e-7)
+
+
+def test_requeued_job_resumes_on_fewer_nodes_with_the_same_command(slurm_cluster, s3_server, latents, tmp_path):
+    """Preempted on 2 nodes, requeued, and started again on 1 (scontrol update NumNodes=1 NumTasks=1): the same batch script
+    and arguments resume at world size 1 from the 2-rank checkpoint (elastic resume) and finish."""
+    bucket, manifest = latents
+    run_dir = tmp_path / "run"
+    job = _sbatch(slurm_cluster, tmp_path, _job_env(s3_server, tmp_path), "train", "--config", TINY,
+                  *train_overrides(run_dir, manifest, f"s3://{bucket}/ckpt/shrink", STEPS))
+    _preempt_and_wait_requeued(slurm_cluster, job, run_dir, tmp_path)
+    saved_at = max_step(run_dir)
+    time.sleep(2)  # see the test above
+    slurm_cluster.cmd("scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
+    slurm_cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=240)
+    out = _out(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "1", f"{info}\n{out[-5000:]}"
+    assert "on 2 node(s) x 1" in out and "on 1 node(s) x 1" in out
+    assert "resuming at world size 1 from a checkpoint saved at world size 2" in out, out[-5000:]
+    assert f"at step {saved_at}" in out
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
 
 
 def test_submit_rejects_bad_invocations(s3_server, tmp_path):
