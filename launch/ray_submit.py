@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass-credentials", action="store_true", help="copy AWS credentials into the job's runtime env")
     p.add_argument("--no-wait", action="store_true")
     p.add_argument("--timeout", type=float, default=0, help="fail if the job has not ended after this many seconds")
-    p.add_argument("--workers", type=int, default=2, help="train: Ray Train workers")
+    p.add_argument("--workers", default="2", help="train: Ray Train workers, or auto (the cluster's slots at every "
+                                                   "restart)")
     p.add_argument("--use-gpu", action="store_true", help="train: one GPU per worker")
     p.add_argument("--max-failures", type=int, default=3, help="train: worker-group restarts (FailureConfig)")
     p.add_argument("command", choices=COMMANDS)

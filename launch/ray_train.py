@@ -18,7 +18,9 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray_train.py", description=__doc__.split("\n")[0])
-    p.add_argument("--workers", type=int, default=2, help="training processes (Ray Train workers)")
+    p.add_argument("--workers", default="2",
+                   help="training processes (Ray Train workers), or auto: as many as the cluster has slots for, "
+                        "counted again at every restart (a changed cluster resumes at its new size)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL); default CPU workers (gloo)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the run fails")
@@ -33,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Forward to `igscale train --ray-workers N` (the one Ray Train launcher; it validates the config first)."""
     args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        print("ray_train.py: --workers must be >= 1", file=sys.stderr)
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) >= 1):
+        print(f"ray_train.py: --workers must be >= 1 or auto, got {args.workers!r}", file=sys.stderr)
         return 2
     from igscale.cli import train as train_cli
 
-    fwd = ["--config", args.config, "--ray-workers", str(args.workers), "--ray-max-failures", str(args.max_failures),
+    fwd = ["--config", args.config, "--ray-workers", args.workers, "--ray-max-failures", str(args.max_failures),
            "--ray-cpus-per-worker", str(args.cpus_per_worker), "--ray-use-gpu", "yes" if args.use_gpu else "no"]
     if args.storage_path:
         fwd += ["--ray-storage-path", args.storage_path]

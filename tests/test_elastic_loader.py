@@ -116,3 +116,15 @@ def test_same_layout_is_the_plain_stream_and_bad_states_are_refused(manifest, s3
     one = ElasticLoader(manifest, batch_size=6, rank=1, world_size=2, **kw)
     one.load_state_dict(merge_states([legacy]))
     assert one.spans == [(0, 6, 12)] and one.streams[0].state_dict()["batches"] == 2
+
+
+def test_ray_auto_workers_take_the_cluster_slots_the_round_splits_over():
+    from igscale.cli.train import auto_workers
+
+    cpu = dict(use_gpu=False, cpus_per_worker=2.0)
+    assert auto_workers({"CPU": 16.0, "GPU": 0}, round_size=64, **cpu) == 8
+    assert auto_workers({"CPU": 14.0}, round_size=64, **cpu) == 4  # 7 slots; 64 splits over 4, not 7, 6 or 5
+    assert auto_workers({"CPU": 64.0, "GPU": 48.0}, use_gpu=True, cpus_per_worker=1, round_size=1024) == 32
+    assert auto_workers({"GPU": 8.0}, use_gpu=True, cpus_per_worker=1, round_size=4) == 4
+    with pytest.raises(ValueError, match="no worker slot"):
+        auto_workers({"CPU": 1.0}, round_size=8, **cpu)

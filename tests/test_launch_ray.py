@@ -54,7 +54,7 @@ def test_ray_jobs_precompute_and_train_survive_a_killed_worker(ray_cluster, s3_s
     # 2. train as a Ray job; kill one train worker once a checkpoint exists and training has moved past it
     run_dir = tmp_path / "run"
     ckpt = f"s3://{bucket}/ckpt/ray"
-    r = _submit(ray_cluster, env, "--no-wait", "--max-failures=2", "--workers=2", "train", "--", "--config", TINY,
+    r = _submit(ray_cluster, env, "--no-wait", "--max-failures=2", "--workers=auto", "train", "--", "--config", TINY,
                 *train_overrides(run_dir, f"s3://{bucket}/latents/manifest.json", ckpt, STEPS),
                 f"checkpoint.every_steps={EVERY}", "train.global_batch=8")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -25,12 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dry-run: plan the resume for this many ranks (default: the launcher's, else 1)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if model/loss/data-order settings differ from the checkpoint's (recorded)")
-    p.add_argument("--ray-workers", type=int, default=0,
-                   help="launch through Ray Train (TorchTrainer) with this many workers instead of torchrun/srun")
+    p.add_argument("--ray-workers", type=_workers, default=0,
+                   help="launch through Ray Train (TorchTrainer) with this many workers instead of torchrun/srun; "
+                        "auto: as many as the cluster has slots for (GPUs, or CPUs / --ray-cpus-per-worker) and the "
+                        "global batch splits over, counted again at every restart")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster address for --ray-workers (default: RAY_ADDRESS, e.g. inside `ray job submit`)")
     p.add_argument("--ray-max-failures", type=int, default=0,
-                   help="Ray Train FailureConfig: worker-group restarts (each resumes from `latest`) before failing")
+                   help="worker-group restarts (each resumes from `latest`) before failing: Ray Train's "
+                        "FailureConfig, or with --ray-workers auto the driver's own, each on the cluster as it is then")
     p.add_argument("--ray-cpus-per-worker", type=float, default=1.0)
     p.add_argument("--ray-use-gpu", choices=["auto", "yes", "no"], default="auto",
                    help="one GPU per Ray worker (NCCL); auto: if this driver sees CUDA")
@@ -38,6 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-name", default=None, help="Ray Train run name (default: basename of run_dir)")
     p.add_argument("overrides", nargs="*", help="typed dotted overrides, e.g. train.global_batch=512")
     return p
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of workers or 'auto', got {value!r}") from None
+
+
+def auto_workers(resources: dict, *, use_gpu: bool, cpus_per_worker: float, round_size: int) -> int:
+    """Ray Train workers for --ray-workers auto: the cluster's worker slots, lowered to a count the round
+    (global_batch / grad_accum samples) splits over. Raises ValueError when the cluster has no slot."""
+    slots = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 0) // cpus_per_worker)
+    if slots < 1:
+        raise ValueError(f"the Ray cluster has no worker slot ({'GPUs' if use_gpu else 'CPUs'}: {resources})")
+    return next(n for n in range(min(slots, round_size), 0, -1) if round_size % n == 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"igscale train: invalid config: {e}", file=sys.stderr)
         return 2
-    if args.ray_workers < 0 or args.ray_max_failures < 0:
+    if (args.ray_workers != "auto" and args.ray_workers < 0) or args.ray_max_failures < 0:
         print("igscale train: --ray-workers and --ray-max-failures must be >= 0", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -95,18 +116,30 @@ def _ray_launch(cfg, args) -> int:
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True,
              log_to_driver=True, runtime_env={"env_vars": env_vars})
     use_gpu = torch.cuda.is_available() if args.ray_use_gpu == "auto" else args.ray_use_gpu == "yes"
-    trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"run_config": to_dict(cfg)},
-        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": args.ray_cpus_per_worker}),
-        run_config=RunConfig(name=args.ray_name or os.path.basename(cfg.run_dir.rstrip("/")) or "igscale-train",
-                             storage_path=args.ray_storage_path or os.path.join(cfg.run_dir, "ray"),
-                             failure_config=FailureConfig(max_failures=args.ray_max_failures)),
-    )
-    try:
-        trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the message names the worker exit code
-        print(f"igscale train: Ray Train run failed after up to {args.ray_max_failures} restarts: {e}",
+    auto = args.ray_workers == "auto"
+    name = args.ray_name or os.path.basename(cfg.run_dir.rstrip("/")) or "igscale-train"
+    for attempt in range(args.ray_max_failures + 1 if auto else 1):
+        workers = args.ray_workers
+        if auto:  # the cluster as it is now: a restart after a node loss (or gain) runs at the new size
+            workers = auto_workers(ray.cluster_resources(), use_gpu=use_gpu, cpus_per_worker=args.ray_cpus_per_worker,
+                                   round_size=cfg.train.global_batch // cfg.engine.grad_accum)
+            print(f"igscale train: Ray Train attempt {attempt + 1}: {workers} worker(s) for the cluster's "
+                  f"{'GPUs' if use_gpu else 'CPUs'}", flush=True)
+        trainer = TorchTrainer(
+            _ray_worker, train_loop_config={"run_config": to_dict(cfg)},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": args.ray_cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=args.ray_storage_path or os.path.join(cfg.run_dir, "ray"),
+                                 failure_config=FailureConfig(max_failures=0 if auto else args.ray_max_failures)),
+        )
+        try:
+            trainer.fit()
+            break
+        except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the message names the worker exit code
+            err = e
+            print(f"igscale train: Ray Train attempt {attempt + 1} failed: {str(e)[:500]}", file=sys.stderr)
+    else:
+        print(f"igscale train: Ray Train run failed after up to {args.ray_max_failures} restarts: {err}",
               file=sys.stderr)
         return 1
     print(f"igscale train: finished; checkpoints at {cfg.checkpoint.url or os.path.join(cfg.run_dir, 'checkpoints')}")
