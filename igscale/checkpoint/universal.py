@@ -41,7 +41,7 @@ def convert(tag_dir: str, out_dir: str, workers: int = 1) -> float:
     from deepspeed.checkpoint import ds_to_universal
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    # workers > 1 forks process pools; a small checkpoint converts faster in-process
+    # workers > 1: DeepSpeed's process pools (fork); 1 runs in this process
     args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
@@ -70,8 +70,9 @@ def prepare(ckpt: Checkpointer, tag: str, local_root: str, *, rank: int, is_cach
         ok, err = True, None
         if rank == 0:
             try:
-                big = _folder_bytes(tag_dir) > 1 << 30
-                secs = convert(tag_dir, dest, workers=min(8, os.cpu_count() or 1) if big else 1)
+                # in-process: DeepSpeed's worker pools would fork this process (communicators, CUDA context);
+                # SiT-B/2 converts in ~12 s (docs/training.md), so even XL sizes take about a minute
+                secs = convert(tag_dir, dest)
                 nbytes = _folder_bytes(dest)
                 t0 = time.time()
                 ckpt.put_folder(tag, NAME, dest, meta={"seconds": secs, "bytes": nbytes})
