@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.fixtures.s3server import free_ports
-from tests.test_train_deepspeed import ROOT, _env, _kill_all, _losses, _start, write_tiny_latents
+from tests.test_train_deepspeed import ROOT, _env, _losses, _run, write_tiny_latents
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +36,7 @@ def data(s3_server):
 
 
 def _go(run_dir, data, env, nproc, *overrides, timeout=300) -> str:
-    p = _start(run_dir, data.manifest, env, *COMMON, *overrides, nproc=nproc)
-    try:
-        rc = p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        _kill_all(p)
-        raise
-    out = open(os.path.join(run_dir, "stdout.log")).read()
-    assert rc == 0, out[-4000:]
-    return out
+    return _run(run_dir, data.manifest, env, *COMMON, *overrides, timeout=timeout, nproc=nproc)
 
 
 def _probe(run_dir, data, env, nproc, out, *overrides) -> dict:

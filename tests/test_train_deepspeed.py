@@ -85,8 +85,8 @@ def _start(run_dir, manifest, env, *overrides, nproc=2):
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
-def _run(run_dir, manifest, env, *overrides, timeout=240, expect=0):
-    p = _start(run_dir, manifest, env, *overrides)
+def _run(run_dir, manifest, env, *overrides, timeout=240, expect=0, nproc=2):
+    p = _start(run_dir, manifest, env, *overrides, nproc=nproc)
     try:
         rc = p.wait(timeout)
     except subprocess.TimeoutExpired:
