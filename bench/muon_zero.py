@@ -70,6 +70,8 @@ def worker(a) -> None:
     model = _model()
     ds = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
           "zero_optimization": {"stage": a.stage}, "steps_per_print": 10**9, "zero_allow_untested_optimizer": True}
+    if a.impl == "ds" and a.stage == 3:
+        ds["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed refuses Muon with ZeRO-3's reduce-scatter
     if a.impl == "ref":
         opt = MuonWithAdam(muon_param_groups(model.named_parameters(), muon_lr=MUON_LR, muon_wd=WD, momentum=MOM,
                                              ns_steps=5, adam_lr=ADAM_LR, betas=(0.9, 0.95), eps=1e-8, adam_wd=0.0))
