@@ -141,3 +141,44 @@ def test_no_direct_collectives_outside_the_helper():
     bad = [str(p.relative_to(ROOT)) for d in ("igscale", "data_pipeline") for p in (ROOT / d).rglob("*.py")
            if p.name != "collectives.py" and pat.search(p.read_text())]
     assert not bad, bad
+
+
+def _muon(model):
+    from igscale.training.muon import MuonWithAdam, muon_param_groups
+
+    return MuonWithAdam(muon_param_groups(model.named_parameters(), muon_lr=1e-2, muon_wd=0.0, momentum=0.95,
+                                          ns_steps=5, adam_lr=1e-3, betas=(0.9, 0.95), eps=1e-8, adam_wd=0.0))
+
+
+def test_muon_guard_refuses_what_would_not_run_muon(group, one_thread):
+    """ZeRO-2 hands the optimizer flat partitions instead of matrices: refused at start-up with the reason. At
+    ZeRO-0 the guard passes and the first step must run one Newton-Schulz per matrix. A Muon config whose model has
+    no trainable matrix, which would silently train everything with Adam, is refused."""
+    from igscale.distributed.engine import DeepSpeedEngine
+    from igscale.training.muon import MuonGuard, NotMuonError
+    from igscale.training.step import train_step
+
+    cfg2 = _cfg("engine.zero_stage=2", "engine.precision=fp32")  # the schema refuses muon here; build it by hand
+    torch.manual_seed(0)
+    model = randomize_(tiny_model(), std=0.05)
+    matrices = sum(p.ndim >= 2 for p in model.parameters() if p.requires_grad)
+    eng = DeepSpeedEngine(model, cfg2, world_size=1, optimizer=_muon(model))
+    with pytest.raises(NotMuonError, match="flattened tensor"):
+        MuonGuard(eng.client_optimizer)
+
+    cfg0 = _cfg("optim.name=muon", "engine.zero_stage=0", "engine.precision=fp32")
+    torch.manual_seed(0)
+    model = randomize_(tiny_model(), std=0.05)
+    eng = DeepSpeedEngine(model, cfg0, world_size=1, optimizer=_muon(model))
+    guard = MuonGuard(eng.client_optimizer)
+    assert guard.matrices == matrices
+    with pytest.raises(NotMuonError, match="ran Newton-Schulz 0 time"):
+        guard.check_first_step()  # no step yet: as if the optimizer had skipped Muon
+    guard = MuonGuard(eng.client_optimizer)
+    train_step(eng, [_batch()], cfg0, rank=0, world_size=1, step=0, device=torch.device("cpu"))
+    guard.check_first_step()
+
+    for p in model.parameters():
+        p.requires_grad_(p.ndim < 2)
+    with pytest.raises(NotMuonError, match="no trainable >= 2-D weight"):
+        MuonGuard(_muon(model))

@@ -26,6 +26,7 @@ from igscale.core.typed import ConfigError, to_dict
 from igscale.latents.elastic import merge_states
 from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
+from igscale.training.muon import MuonGuard
 from igscale.training.resume_check import frozen_changes
 from igscale.training.rng import seed_global
 from igscale.training.state import TrainState
@@ -56,6 +57,10 @@ class Trainer:
         self.log = log if rank == 0 else (lambda *a, **k: None)
         self.state = TrainState()
         self.ema = EMA(engine.param_views(), cfg.train.ema_decay)
+        # a Muon config must run Muon: checked on the optimizer DeepSpeed steps, and again after the first step
+        self._muon = MuonGuard(engine.client_optimizer) if cfg.optim.name == "muon" else None
+        if self._muon is not None:
+            self.log(f"{self._muon.describe()}; the first step must run one Newton-Schulz per matrix")
         self._signal: int | None = None
         self._data = None
         self._loader_state: dict | None = None  # set when a voided step's batches were already drawn
@@ -250,6 +255,8 @@ class Trainer:
         """Book step `step` from its flags: EMA, counters, logs. Returns an exit code if the run must stop."""
         cfg, st = self.cfg, self.state
         res = handle.result()
+        if self._muon is not None and not self._muon.checked:
+            self._muon.check_first_step()  # a host counter: no device sync
         if keys is not None:  # the step's data is consumed even when its update was skipped
             self._audit(step, keys, res.skipped)
         if not res.skipped:

@@ -16,7 +16,9 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["MuonWithAdam", "newton_schulz5", "muon_param_groups"]
+from igscale.core.typed import ConfigError
+
+__all__ = ["MuonWithAdam", "newton_schulz5", "muon_param_groups", "MuonGuard", "NotMuonError"]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -70,6 +72,7 @@ class MuonWithAdam(torch.optim.Optimizer):
     supports_found_inf = True
 
     def __init__(self, param_groups: list[dict]):
+        self.ns_calls = 0  # Newton-Schulz orthogonalisations run so far (a host count: the guard reads it)
         for g in param_groups:
             if "use_muon" not in g:
                 raise ValueError("every MuonWithAdam param group needs a use_muon flag (see muon_param_groups)")
@@ -120,6 +123,7 @@ class MuonWithAdam(torch.optim.Optimizer):
             _commit(m2, m_new, keep)
             rows, cols = u.shape
             u = newton_schulz5(u, group["ns_steps"]).float() * math.sqrt(max(1.0, rows / cols))
+            self.ns_calls += 1
             adjusted_lr = lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))
             p_new = p * (1.0 - lr * wd)
             p_new.add_(u.view_as(p).to(p.dtype), alpha=-adjusted_lr)
@@ -151,3 +155,44 @@ class MuonWithAdam(torch.optim.Optimizer):
             p_new = p * (1.0 - lr * wd)
             p_new.add_((exp_avg / bc1 / denom).to(p.dtype), alpha=-lr)
             _commit(p, p_new, keep)
+
+
+class NotMuonError(ConfigError):
+    """A Muon config whose optimizer would not run Muon (it would train with Adam or a normalised SGD instead)."""
+
+
+class MuonGuard:
+    """Refuses a Muon run that would silently not be one. At start-up (`MuonGuard(optimizer)`, after DeepSpeed
+    wrapped it) every Muon-group tensor must be a whole >= 2-D weight and there must be at least one; a flattened
+    ZeRO or bf16-optimizer partition would get a column "orthogonalised" into a normalised-SGD step. After the
+    first optimizer step (`check_first_step()`) the optimizer must have run one Newton-Schulz per Muon matrix."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        groups = [g for g in optimizer.param_groups if g.get("use_muon")]
+        tensors = [p for g in groups for p in g["params"]]
+        flat = [tuple(p.shape) for p in tensors if p.ndim < 2]
+        if flat:
+            raise NotMuonError(f"the Muon group holds {len(flat)} flattened tensor(s) {flat[:3]} instead of whole "
+                               "weight matrices (ZeRO 1-3 or DeepSpeed's bf16/fp16 optimizer partitioned them): "
+                               "Newton-Schulz would act on 1-D slices, not Muon. Use engine.zero_stage=0 with fp32 or "
+                               "bf16_autocast")
+        if not tensors:
+            raise NotMuonError("optim.name=muon, but no trainable >= 2-D weight is in a Muon group: the run would "
+                               "train every weight with Adam")
+        if not hasattr(optimizer, "ns_calls"):
+            raise NotMuonError(f"{type(optimizer).__name__} does not count its Newton-Schulz calls; igscale cannot "
+                               "check that it runs Muon")
+        self.optimizer, self.matrices = optimizer, len(tensors)
+        self.elements = sum(p.numel() for p in tensors)
+        self._start = optimizer.ns_calls
+        self.checked = False
+
+    def check_first_step(self) -> None:
+        ran = self.optimizer.ns_calls - self._start
+        self.checked = True
+        if ran != self.matrices:
+            raise NotMuonError(f"the first optimizer step ran Newton-Schulz {ran} time(s) for {self.matrices} Muon "
+                               "matrices: the other weights were not updated with Muon; refusing to continue")
+
+    def describe(self) -> str:
+        return f"Muon on {self.matrices} matrices ({self.elements / 1e6:.2f}M weights)"
