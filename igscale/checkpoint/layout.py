@@ -4,6 +4,7 @@
     <tag>/trainer_rank{r:05d}.pt     every rank: step counters, loader position, torch RNG state
     <tag>/ema_rank{r:05d}.pt         the EMA: one full copy (rank 0), or each rank's flat slice when the
                                      parameter views are sharded (ZeRO-3, or ZeRO-1/2 with fp32 master views)
+    <tag>/optim_rank{r:05d}.pt       every rank's optimizer shard, for optimizers that shard themselves (ZeRO-1 Muon)
     <tag>/config.json                the resolved run config (rank 0)
     <tag>/model_config.json          the model's own config, enough to rebuild it for export (rank 0)
 
@@ -21,7 +22,9 @@ from igscale.checkpoint.store import Checkpointer
 from igscale.distributed.engine import assemble_flat
 
 __all__ = ["write_rank_files", "read_trainer", "read_ema", "read_config", "read_export_inputs", "consolidate_ema",
-           "reshard_ema"]
+           "reshard_ema", "read_optim_shards", "SMALL_PREFIXES"]
+
+SMALL_PREFIXES = ("trainer_rank", "ema_rank", "optim_rank")  # igscale's own per-rank files
 
 CONFIG, MODEL_CONFIG = "config.json", "model_config.json"
 
@@ -34,13 +37,19 @@ def _ema(rank: int) -> str:
     return f"ema_rank{rank:05d}.pt"
 
 
+def _optim(rank: int) -> str:
+    return f"optim_rank{rank:05d}.pt"
+
+
 def write_rank_files(d: str, rank: int, *, trainer: dict, ema: dict | None = None, ema_layout: dict | None = None,
                      ema_sharded: bool = False, world_size: int = 1, config: dict | None = None,
-                     model_config: dict | None = None) -> None:
+                     model_config: dict | None = None, optim: dict | None = None) -> None:
     """This rank's files into the tag folder `d`. `ema`: the EMA state dict if this rank owns (part of) it;
     `ema_layout`: name -> (start, full shape, full numel) of this rank's slices; config/model_config on rank 0."""
     os.makedirs(d, exist_ok=True)
     torch.save(trainer, os.path.join(d, _trainer(rank)))
+    if optim is not None:
+        torch.save(optim, os.path.join(d, _optim(rank)))
     if ema is not None:
         torch.save({"ema": ema, "layout": ema_layout, "sharded": ema_sharded, "world_size": world_size},
                    os.path.join(d, _ema(rank)))
@@ -57,6 +66,12 @@ def read_trainer(d: str, rank: int) -> dict:
 def read_ema(d: str, rank: int, sharded: bool) -> dict:
     """The EMA state dict this rank resumes from: its own slice when sharded, else rank 0's full copy."""
     return torch.load(os.path.join(d, _ema(rank if sharded else 0)), weights_only=True)["ema"]
+
+
+def read_optim_shards(d: str) -> list[dict]:
+    """Every rank's optimizer shard in the tag folder `d` (empty when the optimizer did not shard itself)."""
+    names = sorted(n for n in os.listdir(d) if n.startswith("optim_rank") and n.endswith(".pt"))
+    return [torch.load(os.path.join(d, n), weights_only=True) for n in names]
 
 
 def read_config(d: str) -> dict | None:

@@ -20,7 +20,7 @@ __all__ = [
 
 # Our Muon orthogonalises whole 2-D gradient matrices, so it is correct only where DeepSpeed hands the client
 # optimizer the real parameters: no ZeRO partitioning and no DeepSpeed bf16/fp16 optimizer (both flatten).
-MUON_ZERO_STAGES = (0,)
+MUON_ZERO_STAGES = (0, 1)  # 1: igscale's Muon shards its state and Newton-Schulz work (training/muon_sharded.py)
 MUON_PRECISIONS = ("fp32", "bf16_autocast")
 
 
@@ -280,8 +280,10 @@ class RunConfig:
             raise ValueError(
                 f"optim.name=muon is supported only with engine.zero_stage in {list(MUON_ZERO_STAGES)} and "
                 f"engine.precision in {list(MUON_PRECISIONS)} (got zero_stage={self.engine.zero_stage}, "
-                f"precision={self.engine.precision}): ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers hand the "
-                "optimizer flattened 1-D partitions, on which Muon's matrix orthogonalisation is wrong"
+                f"precision={self.engine.precision}): ZeRO-2/3 and DeepSpeed's bf16/fp16 optimizers hand the "
+                "optimizer flattened 1-D partitions, on which Muon's matrix orthogonalisation is wrong, and "
+                "DeepSpeed's own Muon differs from the reference update (docs/benchmarks.md). zero_stage 1 shards "
+                "Muon's state and Newton-Schulz work over the ranks"
             )
         if self.optim.name == "cpu_adam" and not self.engine.offload_optimizer:
             raise ValueError("optim.name=cpu_adam needs engine.offload_optimizer=true (and zero_stage >= 1)")

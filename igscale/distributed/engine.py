@@ -29,14 +29,17 @@ def assemble_flat(pieces: list[tuple[int, torch.Tensor]], shape: list[int], nume
     return full.view(shape)
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, *, device_skip: bool = False) -> dict:
+def build_ds_config(cfg: RunConfig, world_size: int, *, device_skip: bool = False,
+                    zero_stage: int | None = None) -> dict:
     """device_skip: the optimizer skips non-finite steps on the device (`found_inf`), so DeepSpeed's own bf16
-    overflow check, a host sync and an extra all-reduce every step, is turned off."""
+    overflow check, a host sync and an extra all-reduce every step, is turned off. zero_stage: DeepSpeed's stage
+    when it differs from cfg's (an optimizer that shards its own state runs on an unpartitioned DeepSpeed)."""
     e = cfg.engine
-    zero: dict = {"stage": e.zero_stage}
-    if e.zero_stage >= 1:
+    stage = e.zero_stage if zero_stage is None else zero_stage
+    zero: dict = {"stage": stage}
+    if stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=int(5e7))
-    if e.zero_stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
     if e.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -131,7 +134,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg = cfg
-        self.zero_stage = cfg.engine.zero_stage
+        # an optimizer that shards its own state (igscale's ZeRO-1 Muon) needs DeepSpeed's whole matrices
+        self.zero_stage = 0 if getattr(optimizer, "shards_itself", False) else cfg.engine.zero_stage
         if cfg.engine.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -141,7 +145,7 @@ class DeepSpeedEngine:
         self.device_skip = skips_on_device(optimizer)
         if not self.device_skip:
             _guard_on_host(optimizer)
-        self.ds_config = build_ds_config(cfg, world_size, device_skip=self.device_skip)
+        self.ds_config = build_ds_config(cfg, world_size, device_skip=self.device_skip, zero_stage=self.zero_stage)
         for g in optimizer.param_groups:  # LR schedules scale each group's own base LR (Muon and Adam differ)
             g.setdefault("base_lr", g["lr"])
         self.ds, self.optimizer, _, _ = deepspeed.initialize(

@@ -3,12 +3,14 @@ benchmark (so a benchmark figure describes the code users run)."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from igscale.config.schema import RunConfig
 from igscale.distributed.engine import DeepSpeedEngine
 from igscale.models import build_model
 from igscale.models.compile import apply_compile, resolve_compile_mode
 from igscale.training.muon import MuonWithAdam, muon_param_groups
+from igscale.training.muon_sharded import ShardedMuonWithAdam
 
 __all__ = ["build_engine"]
 
@@ -27,7 +29,12 @@ def build_engine(cfg: RunConfig, *, world_size: int, device: torch.device,
     optimizer = None
     if cfg.optim.name == "muon":
         o = cfg.optim
-        optimizer = MuonWithAdam(muon_param_groups(
+        groups = muon_param_groups(
             model.named_parameters(), muon_lr=o.muon_lr, muon_wd=o.muon_weight_decay, momentum=o.muon_momentum,
-            ns_steps=o.muon_ns_steps, adam_lr=o.lr, betas=o.betas, eps=o.eps, adam_wd=o.weight_decay))
+            ns_steps=o.muon_ns_steps, adam_lr=o.lr, betas=o.betas, eps=o.eps, adam_wd=o.weight_decay)
+        if cfg.engine.zero_stage == 1:  # state and Newton-Schulz work divided over the ranks
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            optimizer = ShardedMuonWithAdam(groups, rank=rank, world_size=world_size)
+        else:
+            optimizer = MuonWithAdam(groups)
     return DeepSpeedEngine(model, cfg, world_size=world_size, optimizer=optimizer), mode

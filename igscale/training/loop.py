@@ -93,7 +93,20 @@ class Trainer:
             ema=self.ema.state_dict() if owner else None, ema_layout=self.engine.view_layout() if owner else None,
             ema_sharded=self.engine.sharded_views, world_size=self.world_size,
             config=to_dict(self.cfg) if main else None,
-            model_config=to_dict(self.engine.module.config) if main else None)
+            model_config=to_dict(self.engine.module.config) if main else None,
+            optim=self.engine.client_optimizer.state_dict() if self._shards_optim() else None)
+
+    def _shards_optim(self) -> bool:
+        return getattr(self.engine.client_optimizer, "shards_itself", False)
+
+    def _load_optim_shards(self, d: str) -> None:
+        """An optimizer that shards itself: DeepSpeed restored rank 0's shard; every rank takes its own from all."""
+        if self._shards_optim():
+            shards = layout.read_optim_shards(d)
+            if not shards:
+                raise ValueError(f"{d}: the checkpoint has no optimizer shards (optim_rank*.pt) for "
+                                 f"{type(self.engine.client_optimizer).__name__}")
+            self.engine.client_optimizer.load_shards(shards)
 
     def save(self) -> str:
         t0 = time.time()
@@ -111,6 +124,7 @@ class Trainer:
             d = os.path.join(local, tag)
             self._check_config(d, tag)
             self.engine.load(local, tag)
+            self._load_optim_shards(d)
             tr = layout.read_trainer(d, self.rank)
             self.loader.load_state_dict(tr["loader"])
             self.ema.load_state_dict(layout.read_ema(d, self.rank, self.engine.sharded_views))
@@ -129,7 +143,7 @@ class Trainer:
                  f"({self.ckpt.url}/{tag})")
         convert = universal.needs_conversion(self.ckpt.verify(tag))
         is_cached = convert and universal.cached(self.ckpt, tag)
-        small = lambda rel: rel.startswith(("trainer_rank", "ema_rank")) or rel.endswith(".json")  # noqa: E731
+        small = lambda rel: rel.startswith(layout.SMALL_PREFIXES) or rel.endswith(".json")  # noqa: E731
         # the DeepSpeed files are needed by whoever converts (rank 0), or by all ranks if there is nothing to convert
         full = not convert or (self.rank == 0 and not is_cached)
         local = self.ckpt.download(tag, only=None if full else small)
@@ -140,6 +154,7 @@ class Trainer:
                                                log=self.log), universal.NAME, universal=True)
         else:
             self.engine.load(local, tag)
+        self._load_optim_shards(d)
         self.loader.load_state_dict(merge_states([layout.read_trainer(d, r)["loader"] for r in range(saved)]))
         self.ema.load_state_dict(layout.reshard_ema(layout.consolidate_ema(d), self.engine.param_views(),
                                                     self.engine.view_layout()))

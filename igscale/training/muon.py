@@ -183,6 +183,8 @@ class MuonGuard:
             raise NotMuonError(f"{type(optimizer).__name__} does not count its Newton-Schulz calls; igscale cannot "
                                "check that it runs Muon")
         self.optimizer, self.matrices = optimizer, len(tensors)
+        # a sharded Muon orthogonalises only this rank's share of the matrices
+        self.expected = getattr(optimizer, "ns_per_step", self.matrices)
         self.elements = sum(p.numel() for p in tensors)
         self._start = optimizer.ns_calls
         self.checked = False
@@ -190,8 +192,8 @@ class MuonGuard:
     def check_first_step(self) -> None:
         ran = self.optimizer.ns_calls - self._start
         self.checked = True
-        if ran != self.matrices:
-            raise NotMuonError(f"the first optimizer step ran Newton-Schulz {ran} time(s) for {self.matrices} Muon "
+        if ran != self.expected:
+            raise NotMuonError(f"the first optimizer step ran Newton-Schulz {ran} time(s) for {self.expected} Muon "
                                "matrices: the other weights were not updated with Muon; refusing to continue")
 
     def describe(self) -> str:
