@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.torchrun_launch import torchrun  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,16 +62,8 @@ def worker(a) -> None:
 
 
 def _launch(*args: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        os.path.abspath(__file__), "--worker", *args], env=env, cwd=ROOT, capture_output=True,
-                       text=True)
-    if r.returncode:
-        raise SystemExit(f"worker failed:\n{(r.stdout + r.stderr)[-4000:]}")
-    return json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    out = torchrun(__file__, 2, *args)
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def main() -> None:

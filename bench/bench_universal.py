@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.torchrun_launch import torchrun  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "sit_b2_ig.yaml")
@@ -64,16 +65,8 @@ def worker(a) -> None:
 
 
 def _launch(nproc: int, *args: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           os.path.abspath(__file__), "--worker", *args]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"worker failed:\n{(r.stdout + r.stderr)[-4000:]}")
-    return json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    out = torchrun(__file__, nproc, *args)
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def _size(d: str) -> int:

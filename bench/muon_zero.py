@@ -16,10 +16,11 @@ import argparse
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.torchrun_launch import torchrun  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUON_LR, ADAM_LR, WD, MOM = 2e-2, 2e-3, 0.01, 0.95
@@ -102,15 +103,7 @@ def worker(a) -> None:
 
 
 def _launch(*args: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        os.path.abspath(__file__), "--worker", *args], env=env, cwd=ROOT, capture_output=True,
-                       text=True)
-    if r.returncode:
-        raise SystemExit(f"worker failed:\n{(r.stdout + r.stderr)[-5000:]}")
+    torchrun(__file__, 2, *args)
 
 
 def _rel(r: dict, g: dict, w0: dict, names: list[str]) -> float:
