@@ -155,10 +155,11 @@ class Trainer:
         else:
             self.engine.load(local, tag)
         self._load_optim_shards(d)
-        self.loader.load_state_dict(merge_states([layout.read_trainer(d, r)["loader"] for r in range(saved)]))
+        trainers = [layout.read_trainer(d, r) for r in range(saved)]
+        self.loader.load_state_dict(merge_states([t["loader"] for t in trainers]))
         self.ema.load_state_dict(layout.reshard_ema(layout.consolidate_ema(d), self.engine.param_views(),
                                                     self.engine.view_layout()))
-        tr = layout.read_trainer(d, min(self.rank, saved - 1))
+        tr = trainers[min(self.rank, saved - 1)]  # step counters are the same on every rank
         self.log(f"resharded {saved} -> {self.world_size} ranks in {time.time() - t0:.1f}s; data: "
                  f"{self.loader.position() if hasattr(self.loader, 'position') else 'restored'}")
         return d, tr
