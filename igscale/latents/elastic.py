@@ -166,8 +166,16 @@ class ElasticLoader:
 
     @staticmethod
     def _endless(ld: LatentLoader) -> Iterator[dict[str, Any]]:
+        empty = 0  # a resume at an epoch's very end reads one empty epoch; two in a row would loop forever
         while True:
-            yield from ld
+            n = 0
+            for batch in ld:
+                n += 1
+                yield batch
+            empty = 0 if n else empty + 1
+            if empty > 1:
+                raise RuntimeError(f"canonical data stream {ld.rank} yielded no batch in two epochs: every one of its "
+                                   f"shards is corrupt or skipped ({len(ld.corrupt_shards)} skipped)")
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str,
                   non_blocking: bool = True) -> dict[str, torch.Tensor]:
