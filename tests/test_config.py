@@ -74,6 +74,10 @@ def test_muon_allowed_on_stage0_fp32():
     with pytest.raises(ConfigError, match="bf16_autocast"):
         load_config(os.path.join(CONFIGS, "tiny_cpu.yaml"), ["optim.name=muon", "engine.zero_stage=0",
                                                              "engine.precision=bf16"])
+    assert load_config(os.path.join(CONFIGS, "tiny_cpu.yaml"), ["optim.name=muon", "engine.zero_stage=1"])
+    with pytest.raises(ConfigError, match="offload_optimizer=false"):
+        load_config(os.path.join(CONFIGS, "tiny_cpu.yaml"), ["optim.name=muon", "engine.zero_stage=1",
+                                                             "engine.offload_optimizer=true"])
 
 
 def test_micro_batch_must_divide():

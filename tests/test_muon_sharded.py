@@ -4,7 +4,8 @@ ranks and latents streamed from the real S3 server.
 - ten steps of a small LightningDiT+IG give bitwise the weights (and losses) of the reference Muon at ZeRO-0, from
   the same initial state; each rank orthogonalises only its share of the matrices;
 - a SIGKILL mid-run, then the same command: the resumed run is bitwise the uninterrupted one; it then continues
-  on one rank (the optimizer shards re-distributed);
+  on one rank (the optimizer shards re-distributed); a sharded checkpoint resumed replicated (zero_stage 1 -> 0)
+  continues exactly as the reference does;
 - the owner assignment balances the Newton-Schulz FLOPs, and a shard saved at one world size loads at another.
 """
 from __future__ import annotations
@@ -32,12 +33,12 @@ def data(s3_server):
 
 @pytest.fixture(scope="module")
 def reference(data, s3_server, tmp_path_factory):
-    """The reference Muon (replicated, ZeRO-0), uninterrupted: (run dir, export state dict)."""
+    """The reference Muon (replicated, ZeRO-0), uninterrupted: (run dir, export state dict, checkpoint URL)."""
     tmp = tmp_path_factory.mktemp("muon0")
     url = f"s3://{data.bucket}/runs/muon0"
     _run(str(tmp / "run"), data.manifest, _env(s3_server, tmp), *COMMON, "engine.zero_stage=0",
          f"checkpoint.url={url}")
-    return str(tmp / "run"), _export(url)
+    return str(tmp / "run"), _export(url), url
 
 
 def _export(url):
@@ -47,7 +48,7 @@ def _export(url):
 
 
 def test_zero1_muon_is_the_reference_bitwise_and_resumes_exactly(reference, data, s3_server, tmp_path):
-    ref_dir, ref_w = reference
+    ref_dir, ref_w, _ = reference
     env = _env(s3_server, tmp_path)
     url = f"s3://{data.bucket}/runs/muon1"
     run_dir = str(tmp_path / "run")
@@ -71,6 +72,14 @@ def test_zero1_muon_is_the_reference_bitwise_and_resumes_exactly(reference, data
         assert torch.equal(_export(kill_url)[k], v), k
     c = _losses(kill_dir)
     assert [c[s]["train/loss"] for s in range(6, STEPS + 1)] == [b[s]["train/loss"] for s in range(6, STEPS + 1)]
+
+    # the sharded checkpoint resumed with zero_stage 0 (replicated) goes on exactly as the reference does: every
+    # rank's shard is merged, not only the rank-0 copy DeepSpeed restores
+    more = f"train.total_steps={STEPS + 2}"
+    _run(ref_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={reference[2]}", more)
+    _run(run_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={url}", more)
+    a, b = _losses(ref_dir), _losses(run_dir)
+    assert [a[s]["train/loss"] for s in (11, 12)] == [b[s]["train/loss"] for s in (11, 12)]
 
     # and on, on one rank: the two ranks' optimizer shards re-distributed (the elastic resume)
     out = _run(kill_dir, data.manifest, env, *args, f"train.total_steps={STEPS + 2}", nproc=1)

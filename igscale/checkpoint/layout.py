@@ -8,8 +8,10 @@
     <tag>/config.json                the resolved run config (rank 0)
     <tag>/model_config.json          the model's own config, enough to rebuild it for export (rank 0)
 
-The trainer hands `write_rank_files` plain state dicts; resume and export read through the functions below, all
-with `torch.load(weights_only=True)`, so a planted pickle in a checkpoint never runs.
+The trainer hands `write_rank_files` plain state dicts; resume and export read these files through the functions
+below, all with `torch.load(weights_only=True)` onto the CPU (a file saved by GPU 5 loads on a node with 4), so a
+planted pickle in them never runs. DeepSpeed's own files, and their universal form (igscale.checkpoint.universal),
+are unpickled by DeepSpeed: docs/security.md.
 """
 from __future__ import annotations
 
@@ -60,18 +62,18 @@ def write_rank_files(d: str, rank: int, *, trainer: dict, ema: dict | None = Non
 
 
 def read_trainer(d: str, rank: int) -> dict:
-    return torch.load(os.path.join(d, _trainer(rank)), weights_only=True)
+    return torch.load(os.path.join(d, _trainer(rank)), map_location="cpu", weights_only=True)
 
 
 def read_ema(d: str, rank: int, sharded: bool) -> dict:
     """The EMA state dict this rank resumes from: its own slice when sharded, else rank 0's full copy."""
-    return torch.load(os.path.join(d, _ema(rank if sharded else 0)), weights_only=True)["ema"]
+    return torch.load(os.path.join(d, _ema(rank if sharded else 0)), map_location="cpu", weights_only=True)["ema"]
 
 
 def read_optim_shards(d: str) -> list[dict]:
     """Every rank's optimizer shard in the tag folder `d` (empty when the optimizer did not shard itself)."""
     names = sorted(n for n in os.listdir(d) if n.startswith("optim_rank") and n.endswith(".pt"))
-    return [torch.load(os.path.join(d, n), weights_only=True) for n in names]
+    return [torch.load(os.path.join(d, n), map_location="cpu", weights_only=True) for n in names]
 
 
 def read_config(d: str) -> dict | None:
@@ -88,7 +90,7 @@ def consolidate_ema(d: str) -> dict[str, torch.Tensor]:
     files = sorted(n for n in os.listdir(d) if n.startswith("ema_rank") and n.endswith(".pt"))
     if not files:
         raise ValueError(f"{d}: no EMA files in the checkpoint")
-    parts = [torch.load(os.path.join(d, f), weights_only=True) for f in files]
+    parts = [torch.load(os.path.join(d, f), map_location="cpu", weights_only=True) for f in files]
     first = parts[0]
     if first["sharded"] and len(parts) != first["world_size"]:
         raise ValueError(f"sharded EMA needs {first['world_size']} rank files, found {len(parts)}")

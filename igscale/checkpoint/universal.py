@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 
 from igscale.checkpoint.store import Checkpointer
-from igscale.distributed.collectives import all_ok
+from igscale.distributed.collectives import everywhere
 
-__all__ = ["NAME", "needs_conversion", "cached", "prepare", "convert"]
+__all__ = ["NAME", "needs_conversion", "prepare", "convert"]
 
 NAME = "universal"
 
@@ -28,11 +28,6 @@ NAME = "universal"
 def needs_conversion(files) -> bool:
     """Whether a tag (its files, as the rank markers list them) holds world-size-bound optimizer partitions."""
     return any(os.path.basename(rel).endswith("optim_states.pt") for rel in files)
-
-
-def cached(ckpt: Checkpointer, tag: str) -> bool:
-    """Collective: True on every rank when the universal form of `tag` is already stored complete."""
-    return all_ok(ckpt.folder_meta(tag, NAME) is not None)
 
 
 def convert(tag_dir: str, out_dir: str, workers: int = 1) -> float:
@@ -66,27 +61,24 @@ def prepare(ckpt: Checkpointer, tag: str, local_root: str, *, rank: int, is_cach
     (then uploaded), or downloaded from the cache. Returns the load_dir for `engine.load(load_dir, NAME)`."""
     tag_dir = os.path.join(local_root, tag)
     dest = os.path.join(tag_dir, NAME)
-    if not is_cached:
-        ok, err = True, None
-        if rank == 0:
-            try:
-                # in-process: DeepSpeed's worker pools would fork this process (communicators, CUDA context);
-                # SiT-B/2 converts in ~12 s (docs/training.md), so even XL sizes take about a minute
-                secs = convert(tag_dir, dest)
-                nbytes = _folder_bytes(dest)
-                t0 = time.time()
-                ckpt.put_folder(tag, NAME, dest, meta={"seconds": secs, "bytes": nbytes})
-                log(f"converted {tag} to DeepSpeed's universal checkpoint in {secs:.1f}s ({nbytes / 2**20:.1f} MiB); "
-                    f"cached at {ckpt.url}/{tag}/{NAME} in {time.time() - t0:.1f}s")
-            except Exception as e:  # noqa: BLE001 - reach the collective so the other ranks do not hang
-                ok, err = False, e
-        if not all_ok(ok):
-            raise RuntimeError(f"resume of {ckpt.url}/{tag} at another world size: the universal conversion failed "
-                               f"on rank 0{f': {err}' if err else ''}") from err
-        if rank == 0:
-            return tag_dir
+    def convert_and_cache() -> None:
+        # in-process: DeepSpeed's worker pools would fork this process (communicators, CUDA context);
+        # SiT-B/2 converts in ~12 s (docs/training.md), so even XL sizes take about a minute
+        secs = convert(tag_dir, dest)
+        nbytes = _folder_bytes(dest)
+        t0 = time.time()
+        ckpt.put_folder(tag, NAME, dest, meta={"seconds": secs, "bytes": nbytes})
+        log(f"converted {tag} to DeepSpeed's universal checkpoint in {secs:.1f}s ({nbytes / 2**20:.1f} MiB); "
+            f"cached at {ckpt.url}/{tag}/{NAME} in {time.time() - t0:.1f}s")
+
+    if not is_cached:  # the other ranks wait in the agreement while rank 0 converts
+        everywhere(f"the universal conversion of {ckpt.url}/{tag} (rank 0)",
+                   convert_and_cache if rank == 0 else (lambda: None))
     t0 = time.time()
-    ckpt.get_folder(tag, NAME, dest)
+    # every rank takes part (rank 0 already has the folder it converted), so a failed download fails all ranks
+    converted_here = not is_cached and rank == 0
+    everywhere(f"downloading {ckpt.url}/{tag}/{NAME}",
+               (lambda: None) if converted_here else (lambda: ckpt.get_folder(tag, NAME, dest)))
     if is_cached:
         rec = ckpt.folder_meta(tag, NAME) or {}
         log(f"using the cached universal form of {tag} ({rec.get('bytes', 0) / 2**20:.1f} MiB, downloaded in "

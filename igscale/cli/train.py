@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"igscale train: invalid config: {e}", file=sys.stderr)
         return 2
+    if args.world_size < 0:
+        print("igscale train: --world-size must be >= 1 (0: the launcher's)", file=sys.stderr)
+        return 2
     if (args.ray_workers != "auto" and args.ray_workers < 0) or args.ray_max_failures < 0:
         print("igscale train: --ray-workers and --ray-max-failures must be >= 0", file=sys.stderr)
         return 2
@@ -79,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         from igscale.distributed.env import detect_env
 
         print(config_to_yaml(cfg), end="")
-        print(f"# {resume_plan(cfg, args.world_size or detect_env().world_size)}")
+        try:
+            world = args.world_size or detect_env().world_size
+        except ValueError as e:  # inconsistent launcher variables
+            print(f"igscale train: {e}", file=sys.stderr)
+            return 2
+        print(f"# {resume_plan(cfg, world)}")
         return 0
     if args.ray_workers:
         return _ray_launch(cfg, args)

@@ -285,6 +285,9 @@ class RunConfig:
                 "DeepSpeed's own Muon differs from the reference update (docs/benchmarks.md). zero_stage 1 shards "
                 "Muon's state and Newton-Schulz work over the ranks"
             )
+        if self.optim.name == "muon" and self.engine.offload_optimizer:
+            raise ValueError("optim.name=muon keeps its state on the device (zero_stage 1 shards it over the ranks): "
+                             "set engine.offload_optimizer=false")
         if self.optim.name == "cpu_adam" and not self.engine.offload_optimizer:
             raise ValueError("optim.name=cpu_adam needs engine.offload_optimizer=true (and zero_stage >= 1)")
         if self.engine.offload_optimizer and self.engine.zero_stage == 0:

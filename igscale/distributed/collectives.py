@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["backend_device", "all_reduce", "all_gather", "all_ok", "calls"]
+__all__ = ["backend_device", "all_reduce", "all_gather", "all_ok", "everywhere", "calls"]
 
 calls = {"n": 0}
 
@@ -53,3 +53,16 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
 def all_ok(ok: bool) -> bool:
     """Whether every rank passed `ok` (a host decision, so this one syncs; used at checkpoint time only)."""
     return bool(all_reduce(torch.tensor([int(ok)], dtype=torch.int64), op="min").item())
+
+
+def everywhere(what: str, fn):
+    """fn() on every rank; if it raises on any rank, every rank raises, so none is left waiting in a later
+    collective (e.g. one rank's storage error while the others go on into DeepSpeed's load)."""
+    try:
+        out, err = fn(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        out, err = None, e
+    if not all_ok(err is None):
+        where = f"this rank: {type(err).__name__}: {err}" if err is not None else "another rank"
+        raise RuntimeError(f"{what} failed on {where}") from err
+    return out

@@ -29,7 +29,9 @@ def attention_kind(device: torch.device | str) -> str:
 
 
 def _use_flash(q: torch.Tensor) -> bool:
-    return _flash_attn_func is not None and q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256
+    # flash_attn refuses an empty batch, which an elastic resume's epoch tail can hand a rank; SDPA takes it
+    return (_flash_attn_func is not None and q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= 256
+            and q.shape[0] > 0)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:

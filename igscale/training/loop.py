@@ -23,10 +23,12 @@ import torch
 from igscale.checkpoint import layout, universal
 from igscale.config.schema import RunConfig
 from igscale.core.typed import ConfigError, to_dict
+from igscale.distributed.collectives import all_ok, everywhere
 from igscale.latents.elastic import merge_states
 from igscale.training.ema import EMA
 from igscale.training.lr_schedule import lr_at
 from igscale.training.muon import MuonGuard
+from igscale.training.muon_sharded import merge_shards
 from igscale.training.resume_check import frozen_changes
 from igscale.training.rng import seed_global
 from igscale.training.state import TrainState
@@ -100,13 +102,18 @@ class Trainer:
         return getattr(self.engine.client_optimizer, "shards_itself", False)
 
     def _load_optim_shards(self, d: str) -> None:
-        """An optimizer that shards itself: DeepSpeed restored rank 0's shard; every rank takes its own from all."""
+        """A checkpoint of an optimizer that sharded itself holds every rank's shard, and DeepSpeed restored only
+        rank 0's: a sharding optimizer takes its own part of all of them, a replicated one (a resume with
+        zero_stage 1 -> 0) all of them. Without shard files DeepSpeed's copy was whole, and a sharding optimizer
+        (0 -> 1) already kept its part of it."""
+        shards = layout.read_optim_shards(d)
+        if not shards:
+            return
+        opt = self.engine.client_optimizer
         if self._shards_optim():
-            shards = layout.read_optim_shards(d)
-            if not shards:
-                raise ValueError(f"{d}: the checkpoint has no optimizer shards (optim_rank*.pt) for "
-                                 f"{type(self.engine.client_optimizer).__name__}")
-            self.engine.client_optimizer.load_shards(shards)
+            opt.load_shards(shards)
+        else:
+            opt.load_state_dict(merge_shards(shards))
 
     def save(self) -> str:
         t0 = time.time()
@@ -120,7 +127,7 @@ class Trainer:
             return False
         saved = int(self.ckpt.read_meta(tag).get("world_size", self.world_size))
         if saved == self.world_size:
-            local = self.ckpt.download(tag)
+            local = everywhere(f"downloading {self.ckpt.url}/{tag}", lambda: self.ckpt.download(tag))
             d = os.path.join(local, tag)
             self._check_config(d, tag)
             self.engine.load(local, tag)
@@ -141,12 +148,14 @@ class Trainer:
         t0 = time.time()
         self.log(f"resuming at world size {self.world_size} from a checkpoint saved at world size {saved} "
                  f"({self.ckpt.url}/{tag})")
-        convert = universal.needs_conversion(self.ckpt.verify(tag))
-        is_cached = convert and universal.cached(self.ckpt, tag)
+        convert, have = everywhere(f"reading {self.ckpt.url}/{tag}", lambda: (
+            universal.needs_conversion(self.ckpt.verify(tag)), self.ckpt.folder_meta(tag, universal.NAME) is not None))
+        is_cached = convert and all_ok(have)
         small = lambda rel: rel.startswith(layout.SMALL_PREFIXES) or rel.endswith(".json")  # noqa: E731
         # the DeepSpeed files are needed by whoever converts (rank 0), or by all ranks if there is nothing to convert
         full = not convert or (self.rank == 0 and not is_cached)
-        local = self.ckpt.download(tag, only=None if full else small)
+        local = everywhere(f"downloading {self.ckpt.url}/{tag}",
+                           lambda: self.ckpt.download(tag, only=None if full else small))
         d = os.path.join(local, tag)
         self._check_config(d, tag)
         if convert:

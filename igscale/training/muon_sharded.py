@@ -18,7 +18,7 @@ import torch
 from igscale.distributed.collectives import all_gather
 from igscale.training.muon import MuonWithAdam
 
-__all__ = ["ShardedMuonWithAdam", "assign_owners", "ns_flops"]
+__all__ = ["ShardedMuonWithAdam", "assign_owners", "ns_flops", "merge_shards"]
 
 
 def ns_flops(shape: torch.Size, steps: int) -> float:
@@ -48,6 +48,18 @@ def assign_owners(param_groups: list[dict], world_size: int) -> list[list[int]]:
         load[r][1] += p.numel()
         owners[gi][i] = r
     return owners
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """One optimizer state dict from every rank's shard (each holds the state of the tensors that rank owned)."""
+    if not shards:
+        raise ValueError("no optimizer shards to merge")
+    merged = {"state": {}, "param_groups": shards[0]["param_groups"]}
+    for sd in shards:
+        if [g["params"] for g in sd["param_groups"]] != [g["params"] for g in merged["param_groups"]]:
+            raise ValueError("the optimizer shards disagree on their parameter groups")
+        merged["state"].update(sd["state"])
+    return merged
 
 
 class ShardedMuonWithAdam(MuonWithAdam):
@@ -109,14 +121,7 @@ class ShardedMuonWithAdam(MuonWithAdam):
 
     def load_shards(self, shards: list[dict]) -> None:
         """The state from every saved rank's `state_dict()` (any number of ranks): this rank keeps its own."""
-        if not shards:
-            raise ValueError("no optimizer shards to load")
-        merged = {"state": {}, "param_groups": shards[0]["param_groups"]}
-        for sd in shards:
-            if len(sd["param_groups"]) != len(merged["param_groups"]):
-                raise ValueError("the optimizer shards disagree on their parameter groups")
-            merged["state"].update(sd["state"])
-        super().load_state_dict(merged)
+        super().load_state_dict(merge_shards(shards))
         self._drop_foreign()
 
     def _drop_foreign(self) -> None:
