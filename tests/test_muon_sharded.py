@@ -4,8 +4,8 @@ ranks and latents streamed from the real S3 server.
 - ten steps of a small LightningDiT+IG give bitwise the weights (and losses) of the reference Muon at ZeRO-0, from
   the same initial state; each rank orthogonalises only its share of the matrices;
 - a SIGKILL mid-run, then the same command: the resumed run is bitwise the uninterrupted one; it then continues
-  on one rank (the optimizer shards re-distributed); a sharded checkpoint resumed replicated (zero_stage 1 -> 0)
-  continues exactly as the reference does;
+  on one rank (the optimizer shards re-distributed); a sharded checkpoint resumed replicated (zero_stage 1 -> 0),
+  and a replicated one resumed sharded (0 -> 1), continue exactly as the reference does;
 - the owner assignment balances the Newton-Schulz FLOPs, and a shard saved at one world size loads at another.
 """
 from __future__ import annotations
@@ -80,6 +80,12 @@ def test_zero1_muon_is_the_reference_bitwise_and_resumes_exactly(reference, data
     _run(run_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={url}", more)
     a, b = _losses(ref_dir), _losses(run_dir)
     assert [a[s]["train/loss"] for s in (11, 12)] == [b[s]["train/loss"] for s in (11, 12)]
+    # and back (0 -> 1): the replicated state restored whole, each rank keeping its part
+    more = f"train.total_steps={STEPS + 4}"
+    _run(ref_dir, data.manifest, env, *COMMON, "engine.zero_stage=1", f"checkpoint.url={reference[2]}", more)
+    _run(run_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={url}", more)
+    a, b = _losses(ref_dir), _losses(run_dir)
+    assert [a[s]["train/loss"] for s in (13, 14)] == [b[s]["train/loss"] for s in (13, 14)]
 
     # and on, on one rank: the two ranks' optimizer shards re-distributed (the elastic resume)
     out = _run(kill_dir, data.manifest, env, *args, f"train.total_steps={STEPS + 2}", nproc=1)
