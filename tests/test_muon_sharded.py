@@ -4,8 +4,8 @@ ranks and latents streamed from the real S3 server.
 - ten steps of a small LightningDiT+IG give bitwise the weights (and losses) of the reference Muon at ZeRO-0, from
   the same initial state; each rank orthogonalises only its share of the matrices;
 - a SIGKILL mid-run, then the same command: the resumed run is bitwise the uninterrupted one; it then continues
-  on one rank (the optimizer shards re-distributed); a sharded checkpoint resumed replicated (zero_stage 1 -> 0),
-  and a replicated one resumed sharded (0 -> 1), continue exactly as the reference does;
+  on one rank (the optimizer shards re-distributed); a sharded checkpoint resumed replicated (zero_stage 1 -> 0)
+  continues exactly as the reference does, and a replicated state loads into the sharded optimizer (0 -> 1);
 - the owner assignment balances the Newton-Schulz FLOPs, and a shard saved at one world size loads at another.
 """
 from __future__ import annotations
@@ -80,12 +80,6 @@ def test_zero1_muon_is_the_reference_bitwise_and_resumes_exactly(reference, data
     _run(run_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={url}", more)
     a, b = _losses(ref_dir), _losses(run_dir)
     assert [a[s]["train/loss"] for s in (11, 12)] == [b[s]["train/loss"] for s in (11, 12)]
-    # and back (0 -> 1): the replicated state restored whole, each rank keeping its part
-    more = f"train.total_steps={STEPS + 4}"
-    _run(ref_dir, data.manifest, env, *COMMON, "engine.zero_stage=1", f"checkpoint.url={reference[2]}", more)
-    _run(run_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={url}", more)
-    a, b = _losses(ref_dir), _losses(run_dir)
-    assert [a[s]["train/loss"] for s in (13, 14)] == [b[s]["train/loss"] for s in (13, 14)]
 
     # and on, on one rank: the two ranks' optimizer shards re-distributed (the elastic resume)
     out = _run(kill_dir, data.manifest, env, *args, f"train.total_steps={STEPS + 2}", nproc=1)
@@ -126,3 +120,14 @@ def test_owners_balance_newton_schulz_and_shards_load_at_any_world_size():
         opt.load_shards(shards)
         mine = {id(p) for ps in opt._mine for p in ps}
         assert {id(p) for p in opt.state} == mine and all(len(opt.state[p]) for p in opt.state)
+    # a replicated (zero_stage 0) state, as DeepSpeed restores it, into the sharded optimizer: each rank its part
+    from igscale.training.muon import MuonWithAdam
+
+    full = MuonWithAdam(groups())
+    full.step()
+    for r in range(2):
+        opt = ShardedMuonWithAdam(groups(), rank=r, world_size=2)
+        opt.load_state_dict(full.state_dict())
+        assert {id(p) for p in opt.state} == {id(p) for ps in opt._mine for p in ps}
+        for p in opt.state:
+            assert all(torch.equal(v, full.state[p][k]) for k, v in opt.state[p].items())
