@@ -69,10 +69,6 @@ def _launch(nproc: int, *args: str) -> dict:
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def _size(d: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -85,6 +81,7 @@ def main() -> None:
     if a.worker:
         return worker(a)
     from igscale.checkpoint.universal import convert
+    from igscale.checkpoint.universal import folder_bytes as _size
 
     rows = []
     for stage in a.stages:

@@ -51,7 +51,7 @@ def convert(tag_dir: str, out_dir: str, workers: int = 1) -> float:
     return time.time() - t0
 
 
-def _folder_bytes(d: str) -> int:
+def folder_bytes(d: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
 
 
@@ -65,7 +65,7 @@ def prepare(ckpt: Checkpointer, tag: str, local_root: str, *, rank: int, is_cach
         # in-process: DeepSpeed's worker pools would fork this process (communicators, CUDA context);
         # SiT-B/2 converts in ~12 s (docs/training.md), so even XL sizes take about a minute
         secs = convert(tag_dir, dest)
-        nbytes = _folder_bytes(dest)
+        nbytes = folder_bytes(dest)
         t0 = time.time()
         ckpt.put_folder(tag, NAME, dest, meta={"seconds": secs, "bytes": nbytes})
         log(f"converted {tag} to DeepSpeed's universal checkpoint in {secs:.1f}s ({nbytes / 2**20:.1f} MiB); "

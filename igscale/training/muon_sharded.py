@@ -84,9 +84,6 @@ class ShardedMuonWithAdam(MuonWithAdam):
         self._width = max(sum(p.numel() for p in ps) for ps in self._by_rank)
         self.ns_per_step = sum(len(m) for m, g in zip(self._mine, self.param_groups) if g["use_muon"])
 
-    def owned_elements(self) -> int:
-        return sum(p.numel() for ps in self._mine for p in ps)
-
     @torch.no_grad()
     def step(self, closure=None):
         for g, mine in zip(self.param_groups, self._mine):
