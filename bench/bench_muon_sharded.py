@@ -1,11 +1,13 @@
-"""Muon's optimizer step and optimizer state per rank: replicated (ZeRO-0) vs sharded (ZeRO-1), 2 gloo ranks.
+"""Muon's optimizer step and optimizer state per rank at ZeRO-0 (replicated), 1, 2 and 3, on 2 gloo ranks.
 
-Both sides are built by `build_engine` from configs/lightningdit_xl1_ig.yaml's recipe (what `igscale train` runs),
-at a LightningDiT+IG size whose Newton-Schulz work dominates a CPU step (default hidden 384, depth 6). After one
-backward, the client optimizer's `step()` is timed on the same gradients, best of --reps (the sharded step includes
-its all-gather); the state is the bytes of the tensors each rank's optimizer holds after it.
+Every column is built by `build_engine` from configs/lightningdit_xl1_ig.yaml's recipe (what `igscale train` runs),
+at a LightningDiT+IG size whose Newton-Schulz work dominates a CPU step (default hidden 384, depth 6). Each rep
+runs a backward, then times the engine's optimizer step (DeepSpeed's step around the client optimizer: at ZeRO-2/3
+its partition handling and igscale's two all-to-alls, at ZeRO-1 the all-gather), best of --reps. The state is
+the bytes each rank's optimizer keeps between steps (moments, plus at ZeRO-2/3 the owned tensors' whole fp32
+weight and gradient buffers); DeepSpeed's fp32 master partitions come on top at ZeRO-1..3 as for any optimizer.
 
-    python bench/bench_muon_sharded.py [--hidden 384] [--depth 6] [--reps 5]
+    python bench/bench_muon_sharded.py [--hidden 384] [--depth 6] [--reps 5] [--stages 0,1,2,3]
 """
 from __future__ import annotations
 
@@ -41,18 +43,21 @@ def worker(a) -> None:
     shape = tuple(engine.module.config.latent_shape)
     g = torch.Generator().manual_seed(env.rank)
     x, y = torch.randn(2, *shape, generator=g), torch.zeros(2, dtype=torch.long)
-    terms = ig_loss(engine, x, y, torch.rand(2, generator=g), torch.randn(2, *shape, generator=g), path="linear",
-                    aux_weight=0.5, cosine_loss=True, drop_mask=torch.zeros(2, dtype=torch.bool))
-    engine.backward(terms["loss"].mean())
+    t, noise = torch.rand(2, generator=g), torch.randn(2, *shape, generator=g)
     opt = engine.client_optimizer
     times = []
     for _ in range(a.reps):
+        terms = ig_loss(engine, x, y, t, noise, path="linear", aux_weight=0.5, cosine_loss=True,
+                        drop_mask=torch.zeros(2, dtype=torch.bool))
+        engine.backward(terms["loss"].mean())
         dist.barrier()
         t0 = time.perf_counter()
-        opt.step()
+        engine.step()
         dist.barrier()
         times.append(time.perf_counter() - t0)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    inner = getattr(opt, "inner", opt)  # ZeRO-2/3: the owners' reference optimizer
+    state = sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+    state += getattr(opt, "buffer_bytes", 0)
     out = [None] * env.world_size
     dist.all_gather_object(out, {"step_s": min(times), "state_bytes": state, "ns": getattr(opt, "ns_per_step", None)})
     if env.rank == 0:
@@ -73,21 +78,26 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--stages", default="0,1,2,3", help="ZeRO stages to compare; the first is the ratios' base")
     a = p.parse_args()
     if a.worker:
         return worker(a)
     common = ["--hidden", str(a.hidden), "--depth", str(a.depth), "--reps", str(a.reps)]
-    res = {st: _launch("--stage", str(st), *common) for st in (0, 1)}
-    print(f"LightningDiT+IG hidden {a.hidden} depth {a.depth}: {res[0]['params'] / 1e6:.1f}M parameters, 2 ranks")
-    print(f"{'':>24} {'ZeRO-0 (replicated)':>20} {'ZeRO-1 (sharded)':>17} {'ratio':>7}")
-    step = [max(r["step_s"] for r in res[st]["ranks"]) for st in (0, 1)]
-    mem = [max(r["state_bytes"] for r in res[st]["ranks"]) for st in (0, 1)]
-    print(f"{'optimizer step (slowest)':>24} {step[0]:>18.3f} s {step[1]:>15.3f} s {step[1] / step[0]:>7.2f}")
-    print(f"{'state per rank (largest)':>24} {mem[0] / 2**20:>16.1f} MiB {mem[1] / 2**20:>13.1f} MiB "
-          f"{mem[1] / mem[0]:>7.2f}")
-    print(f"optimizers: {res[0]['optimizer']} / {res[1]['optimizer']}; Newton-Schulz per rank per step (sharded): "
-          f"{[r['ns'] for r in res[1]['ranks']]}")
-
+    stages = [int(v) for v in a.stages.split(",")]
+    res = {st: _launch("--stage", str(st), *common) for st in stages}
+    base = stages[0]
+    print(f"LightningDiT+IG hidden {a.hidden} depth {a.depth}: {res[base]['params'] / 1e6:.1f}M parameters, 2 ranks; "
+          f"ratios against ZeRO-{base}")
+    print(f"{'':>26}" + "".join(f"{f'ZeRO-{st}':>12}{'ratio':>7}" for st in stages))
+    step = {st: max(r["step_s"] for r in res[st]["ranks"]) for st in stages}
+    mem = {st: max(r["state_bytes"] for r in res[st]["ranks"]) for st in stages}
+    print(f"{'optimizer step (slowest)':>26}" + "".join(f"{step[st]:>10.3f} s{step[st] / step[base]:>7.2f}"
+                                                       for st in stages))
+    print(f"{'state per rank (largest)':>26}" + "".join(f"{mem[st] / 2**20:>8.1f} MiB{mem[st] / mem[base]:>7.2f}"
+                                                       for st in stages))
+    for st in stages:
+        print(f"ZeRO-{st}: {res[st]['optimizer']}; Newton-Schulz per rank per step: "
+              f"{[r['ns'] for r in res[st]['ranks']]}")
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,8 @@ def run_config(model: str, batch: int, zero_stage: int, *, tiny: bool, ckpt: boo
                backend: str | None = None) -> RunConfig:
     """The model's run config with the bench's overrides (world size 1: global batch = per-GPU batch).
 
-    Muon is valid at ZeRO-0 only (RunConfig refuses it elsewhere), so a Muon config's ZeRO 1-3 rows use adamw."""
+    A Muon config runs Muon at every stage (replicated at 0, sharded by igscale at 1, on DeepSpeed's partitions
+    at 2 and 3); the adamw fallback covers stages RunConfig refuses for Muon."""
     path = os.path.join(ROOT, CONFIGS.get(model, "configs/sit_xl2_ig.yaml"))  # other names: the SiT recipe
     ov = ["data.manifest_url=bench"] + ([] if model in CONFIGS else [f"model.name={model}"])
     base = load_config(path, ov)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from igscale.checkpoint.store import Checkpointer
 from igscale.distributed.collectives import everywhere
 
-__all__ = ["NAME", "needs_conversion", "prepare", "convert"]
+__all__ = ["NAME", "needs_conversion", "prepare", "convert", "fp32_weights"]
 
 NAME = "universal"
 
@@ -49,6 +49,17 @@ def convert(tag_dir: str, out_dir: str, workers: int = 1) -> float:
         raise RuntimeError(f"DeepSpeed's universal conversion of {tag_dir} failed: {type(e).__name__}: {e}\n"
                            f"{out.getvalue()[-2000:]}") from e
     return time.time() - t0
+
+
+def fp32_weights(tag_dir: str) -> dict:
+    """name -> whole fp32 weight, from a downloaded tag's ZeRO-2/3 partitions (DeepSpeed's zero_to_fp32; it needs
+    the fp32 partitions only, no optimizer moments)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir.rstrip("/")),
+                                                        tag=os.path.basename(tag_dir.rstrip("/")))
 
 
 def folder_bytes(d: str) -> int:

@@ -18,9 +18,11 @@ __all__ = [
     "CheckpointSection", "LoggingSection", "SampleSection", "RunConfig", "MUON_ZERO_STAGES", "MODEL_ARCH_FIELDS",
 ]
 
-# Our Muon orthogonalises whole 2-D gradient matrices, so it is correct only where DeepSpeed hands the client
-# optimizer the real parameters: no ZeRO partitioning and no DeepSpeed bf16/fp16 optimizer (both flatten).
-MUON_ZERO_STAGES = (0, 1)  # 1: igscale's Muon shards its state and Newton-Schulz work (training/muon_sharded.py)
+# Muon orthogonalises whole gradient matrices: ZeRO-0 runs on the real parameters, ZeRO-1 shards the state and
+# Newton-Schulz work itself (training/muon_sharded.py), ZeRO-2/3 map DeepSpeed's fp32 partitions back to whole
+# tensors (training/muon_zero.py). DeepSpeed's bf16/fp16 optimizers flatten into low-precision groups, so Muon
+# needs fp32 weights.
+MUON_ZERO_STAGES = (0, 1, 2, 3)
 MUON_PRECISIONS = ("fp32", "bf16_autocast")
 
 
@@ -274,19 +276,14 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self):
-        if self.optim.name == "muon" and (
-            self.engine.zero_stage not in MUON_ZERO_STAGES or self.engine.precision not in MUON_PRECISIONS
-        ):
+        if self.optim.name == "muon" and self.engine.precision not in MUON_PRECISIONS:
             raise ValueError(
-                f"optim.name=muon is supported only with engine.zero_stage in {list(MUON_ZERO_STAGES)} and "
-                f"engine.precision in {list(MUON_PRECISIONS)} (got zero_stage={self.engine.zero_stage}, "
-                f"precision={self.engine.precision}): ZeRO-2/3 and DeepSpeed's bf16/fp16 optimizers hand the "
-                "optimizer flattened 1-D partitions, on which Muon's matrix orthogonalisation is wrong, and "
-                "DeepSpeed's own Muon differs from the reference update (docs/benchmarks.md). zero_stage 1 shards "
-                "Muon's state and Newton-Schulz work over the ranks"
+                f"optim.name=muon needs engine.precision in {list(MUON_PRECISIONS)}, got {self.engine.precision!r}: "
+                "DeepSpeed's bf16/fp16 optimizers flatten the weights into low-precision groups, where Muon's "
+                "matrix orthogonalisation cannot run (bf16_autocast trains in bf16 with fp32 weights)"
             )
         if self.optim.name == "muon" and self.engine.offload_optimizer:
-            raise ValueError("optim.name=muon keeps its state on the device (zero_stage 1 shards it over the ranks): "
+            raise ValueError("optim.name=muon keeps its state on the device (zero_stage 1-3 shard it over the ranks): "
                              "set engine.offload_optimizer=false")
         if self.optim.name == "cpu_adam" and not self.engine.offload_optimizer:
             raise ValueError("optim.name=cpu_adam needs engine.offload_optimizer=true (and zero_stage >= 1)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["backend_device", "all_reduce", "all_gather", "all_ok", "everywhere", "calls"]
+__all__ = ["backend_device", "all_reduce", "all_gather", "all_to_all", "all_ok", "everywhere", "calls"]
 
 calls = {"n": 0}
 
@@ -48,6 +48,18 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     calls["n"] += 1
     dist.all_gather(parts, src)
     return parts
+
+
+def all_to_all(t: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
+    """Rows of `t` (dim 0) split by destination rank, `send_rows[r]` rows to rank r; returns the rows received,
+    `recv_rows[r]` from rank r, concatenated in rank order, on the backend's device."""
+    if not dist.is_initialized():
+        return t
+    src = _placed(t).contiguous()
+    out = src.new_empty((sum(recv_rows), *src.shape[1:]))
+    calls["n"] += 1
+    dist.all_to_all_single(out, src, recv_rows, send_rows)
+    return out
 
 
 def all_ok(ok: bool) -> bool:

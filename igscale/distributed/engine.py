@@ -30,10 +30,12 @@ def assemble_flat(pieces: list[tuple[int, torch.Tensor]], shape: list[int], nume
 
 
 def build_ds_config(cfg: RunConfig, world_size: int, *, device_skip: bool = False,
-                    zero_stage: int | None = None) -> dict:
+                    zero_stage: int | None = None, optimizer_clips: bool = False, single_group: bool = False) -> dict:
     """device_skip: the optimizer skips non-finite steps on the device (`found_inf`), so DeepSpeed's own bf16
     overflow check, a host sync and an extra all-reduce every step, is turned off. zero_stage: DeepSpeed's stage
-    when it differs from cfg's (an optimizer that shards its own state runs on an unpartitioned DeepSpeed)."""
+    when it differs from cfg's (an optimizer that shards its own state runs on an unpartitioned DeepSpeed).
+    optimizer_clips: the optimizer clips by the global norm itself (Muon), so DeepSpeed does not.
+    single_group: ZeRO-3 keeps all weights in one sub-group (the optimizer steps them in one call)."""
     e = cfg.engine
     stage = e.zero_stage if zero_stage is None else zero_stage
     zero: dict = {"stage": stage}
@@ -41,13 +43,15 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, device_skip: bool = Fals
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=int(5e7))
     if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
+        if single_group:  # one sub-group: the optimizer sees every weight in one call
+            zero["sub_group_size"] = int(1e12)
     if e.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ds = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch(world_size),
         "gradient_accumulation_steps": e.grad_accum,
-        "gradient_clipping": e.grad_clip,
+        "gradient_clipping": 0.0 if optimizer_clips else e.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": e.precision == "bf16", "check_grad_overflow": not device_skip},
         "fp16": {"enabled": e.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
@@ -134,8 +138,9 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg = cfg
-        # an optimizer that shards its own state (igscale's ZeRO-1 Muon) needs DeepSpeed's whole matrices
-        self.zero_stage = 0 if getattr(optimizer, "shards_itself", False) else cfg.engine.zero_stage
+        # an optimizer that shards its own state over whole matrices (igscale's ZeRO-1 Muon) runs on an
+        # unpartitioned DeepSpeed; igscale's ZeRO-2/3 Muon reads DeepSpeed's partitions (bind_zero below)
+        self.zero_stage = 0 if getattr(optimizer, "whole_params", False) else cfg.engine.zero_stage
         if cfg.engine.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -145,13 +150,17 @@ class DeepSpeedEngine:
         self.device_skip = skips_on_device(optimizer)
         if not self.device_skip:
             _guard_on_host(optimizer)
-        self.ds_config = build_ds_config(cfg, world_size, device_skip=self.device_skip, zero_stage=self.zero_stage)
+        self.ds_config = build_ds_config(cfg, world_size, device_skip=self.device_skip, zero_stage=self.zero_stage,
+                                         optimizer_clips=getattr(optimizer, "clips_itself", False),
+                                         single_group=getattr(optimizer, "single_group", False))
         for g in optimizer.param_groups:  # LR schedules scale each group's own base LR (Muon and Adam differ)
             g.setdefault("base_lr", g["lr"])
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
+        if hasattr(optimizer, "bind_zero"):
+            optimizer.bind_zero(self.ds.optimizer, self.zero_stage)
         self.module: torch.nn.Module = self.ds.module
         self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._views: list[tuple[str, torch.Tensor]] | None = None

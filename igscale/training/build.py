@@ -11,6 +11,7 @@ from igscale.models import build_model
 from igscale.models.compile import apply_compile, resolve_compile_mode
 from igscale.training.muon import MuonWithAdam, muon_param_groups
 from igscale.training.muon_sharded import ShardedMuonWithAdam
+from igscale.training.muon_zero import ZeroMuonWithAdam
 
 __all__ = ["build_engine"]
 
@@ -32,9 +33,11 @@ def build_engine(cfg: RunConfig, *, world_size: int, device: torch.device,
         groups = muon_param_groups(
             model.named_parameters(), muon_lr=o.muon_lr, muon_wd=o.muon_weight_decay, momentum=o.muon_momentum,
             ns_steps=o.muon_ns_steps, adam_lr=o.lr, betas=o.betas, eps=o.eps, adam_wd=o.weight_decay)
+        rank, clip = dist.get_rank() if dist.is_initialized() else 0, cfg.engine.grad_clip
         if cfg.engine.zero_stage == 1:  # state and Newton-Schulz work divided over the ranks
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            optimizer = ShardedMuonWithAdam(groups, rank=rank, world_size=world_size)
+            optimizer = ShardedMuonWithAdam(groups, rank=rank, world_size=world_size, max_grad_norm=clip)
+        elif cfg.engine.zero_stage >= 2:  # and the gradients (2) and weights (3), partitioned by DeepSpeed
+            optimizer = ZeroMuonWithAdam(groups, rank=rank, world_size=world_size, max_grad_norm=clip)
         else:
-            optimizer = MuonWithAdam(groups)
+            optimizer = MuonWithAdam(groups, max_grad_norm=clip)
     return DeepSpeedEngine(model, cfg, world_size=world_size, optimizer=optimizer), mode

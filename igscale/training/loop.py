@@ -96,7 +96,11 @@ class Trainer:
             ema_sharded=self.engine.sharded_views, world_size=self.world_size,
             config=to_dict(self.cfg) if main else None,
             model_config=to_dict(self.engine.module.config) if main else None,
-            optim=self.engine.client_optimizer.state_dict() if self._shards_optim() else None)
+            optim=self._optim_shard() if self._shards_optim() else None)
+
+    def _optim_shard(self) -> dict:
+        opt = self.engine.client_optimizer
+        return opt.shard_state_dict() if hasattr(opt, "shard_state_dict") else opt.state_dict()
 
     def _shards_optim(self) -> bool:
         return getattr(self.engine.client_optimizer, "shards_itself", False)
@@ -150,15 +154,24 @@ class Trainer:
                  f"({self.ckpt.url}/{tag})")
         convert, have = everywhere(f"reading {self.ckpt.url}/{tag}", lambda: (
             universal.needs_conversion(self.ckpt.verify(tag)), self.ckpt.folder_meta(tag, universal.NAME) is not None))
+        # Muon at ZeRO-2/3 leaves DeepSpeed no optimizer moments, which its universal form needs: the fp32 weights
+        # come from DeepSpeed's consolidation of the partitions, the optimizer state from igscale's shards
+        opt = self.engine.client_optimizer
+        own_weights = convert and hasattr(opt, "load_full_weights")
+        convert = convert and not own_weights
         is_cached = convert and all_ok(have)
         small = lambda rel: rel.startswith(layout.SMALL_PREFIXES) or rel.endswith(".json")  # noqa: E731
         # the DeepSpeed files are needed by whoever converts (rank 0), or by all ranks if there is nothing to convert
-        full = not convert or (self.rank == 0 and not is_cached)
+        full = own_weights or not convert or (self.rank == 0 and not is_cached)
         local = everywhere(f"downloading {self.ckpt.url}/{tag}",
                            lambda: self.ckpt.download(tag, only=None if full else small))
         d = os.path.join(local, tag)
         self._check_config(d, tag)
-        if convert:
+        if own_weights:
+            t1 = time.time()
+            opt.load_full_weights(universal.fp32_weights(d), self.engine.module)
+            self.log(f"fp32 weights consolidated from the saved ZeRO partitions in {time.time() - t1:.1f}s")
+        elif convert:
             self.engine.load(universal.prepare(self.ckpt, tag, local, rank=self.rank, is_cached=is_cached,
                                                log=self.log), universal.NAME, universal=True)
         else:

@@ -6,8 +6,11 @@ The update of the official LightningDiT+IG optimizer ("MuonWithAuxAdam"), includ
   3. U <- NS5(U / (||U||_F + 1e-7)) with (a, b, c) = (3.4445, -4.7750, 2.0315), in bf16, on the wide orientation.
   4. U <- U * sqrt(max(1, rows/cols)).        5. step = lr * 0.2 * sqrt(max(shape[0], shape[1])).
   6. p <- p * (1 - lr*wd) - step * U          (decoupled weight decay with the unadjusted lr).
-The matrix math needs each parameter's whole gradient, so this optimizer is correct only where DeepSpeed passes
-real parameters through (no ZeRO partitioning, no DeepSpeed bf16/fp16 flattening); RunConfig enforces that.
+The matrix math needs each parameter's whole gradient, so this optimizer runs on real parameters (ZeRO-0).
+The sharded forms (muon_sharded.py for ZeRO-1, muon_zero.py for ZeRO-2/3) run this same code on whole tensors.
+Gradient clipping by the global norm is done here, not by DeepSpeed: the norm is taken from one 2-norm per whole
+gradient in a fixed order, which every ZeRO stage can reproduce bitwise (DeepSpeed's partitioned norms sum in a
+stage-dependent order, and Newton-Schulz in bf16 magnifies a last-bit difference of its input).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 
 from igscale.core.typed import ConfigError
 
-__all__ = ["MuonWithAdam", "newton_schulz5", "muon_param_groups", "MuonGuard", "NotMuonError"]
+__all__ = ["MuonWithAdam", "newton_schulz5", "muon_param_groups", "MuonGuard", "NotMuonError", "grad_norms",
+           "clip_coef"]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -60,6 +64,18 @@ def muon_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], *,
     return groups
 
 
+def grad_norms(grads: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """(n,) fp32: the 2-norm of each whole gradient (0 for None), computed the same way at every ZeRO stage."""
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([zero if g is None else torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32)
+                        for g in grads]) if grads else zero.reshape(1)
+
+
+def clip_coef(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """0-dim factor min(1, max_norm / (||norms|| + 1e-6)) for clipping by the global norm, kept on the device."""
+    return torch.clamp(max_norm / (torch.linalg.vector_norm(norms) + 1e-6), max=1.0)
+
+
 def _commit(dst: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
     """dst <- new, or unchanged where the step is skipped (`keep` False), decided on the device."""
     dst.copy_(new if keep is None else torch.where(keep, new, dst))
@@ -70,8 +86,12 @@ class MuonWithAdam(torch.optim.Optimizer):
     state included, without a host sync."""
 
     supports_found_inf = True
+    clips_itself = True  # max_grad_norm replaces DeepSpeed's gradient_clipping (see the module docstring)
 
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], *, max_grad_norm: float = 0.0):
+        if max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {max_grad_norm}")
+        self.max_grad_norm = float(max_grad_norm)
         self.ns_calls = 0  # Newton-Schulz orthogonalisations run so far (a host count: the guard reads it)
         for g in param_groups:
             if "use_muon" not in g:
@@ -99,6 +119,17 @@ class MuonWithAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.max_grad_norm > 0:
+            grads = [p.grad for g in self.param_groups for p in g["params"]]
+            live = [g for g in grads if g is not None]
+            if live:
+                coef = clip_coef(grad_norms(grads, live[0].device), self.max_grad_norm)
+                torch._foreach_mul_(live, coef)
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        """One update of every tensor in param_groups from its (already clipped) gradient."""
         found = getattr(self, "found_inf", None)
         keep = None if found is None else found == 0  # 0-dim bool on the device
         for group in self.param_groups:
@@ -106,7 +137,14 @@ class MuonWithAdam(torch.optim.Optimizer):
                 self._muon_group(group, keep)
             else:
                 self._adam_group(group, keep)
-        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch leaves a loaded Adam step counter where it was saved (the CPU after map_location="cpu"); on the
+        # parameter's device the step needs no host round trip
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
 
     def _muon_group(self, group: dict, keep: torch.Tensor | None) -> None:
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
@@ -168,24 +206,26 @@ class MuonGuard:
     first optimizer step (`check_first_step()`) the optimizer must have run one Newton-Schulz per Muon matrix."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
-        groups = [g for g in optimizer.param_groups if g.get("use_muon")]
-        tensors = [p for g in groups for p in g["params"]]
-        flat = [tuple(p.shape) for p in tensors if p.ndim < 2]
+        if hasattr(optimizer, "muon_shapes"):  # ZeRO-2/3: the whole matrices its owners rebuild from partitions
+            shapes = optimizer.muon_shapes()
+        else:
+            shapes = [tuple(p.shape) for g in optimizer.param_groups if g.get("use_muon") for p in g["params"]]
+        flat = [s for s in shapes if len(s) < 2]
         if flat:
             raise NotMuonError(f"the Muon group holds {len(flat)} flattened tensor(s) {flat[:3]} instead of whole "
                                "weight matrices (ZeRO 1-3 or DeepSpeed's bf16/fp16 optimizer partitioned them): "
                                "Newton-Schulz would act on 1-D slices, not Muon. Use engine.zero_stage=0 with fp32 or "
                                "bf16_autocast")
-        if not tensors:
+        if not shapes:
             raise NotMuonError("optim.name=muon, but no trainable >= 2-D weight is in a Muon group: the run would "
                                "train every weight with Adam")
         if not hasattr(optimizer, "ns_calls"):
             raise NotMuonError(f"{type(optimizer).__name__} does not count its Newton-Schulz calls; igscale cannot "
                                "check that it runs Muon")
-        self.optimizer, self.matrices = optimizer, len(tensors)
+        self.optimizer, self.matrices = optimizer, len(shapes)
         # a sharded Muon orthogonalises only this rank's share of the matrices
         self.expected = getattr(optimizer, "ns_per_step", self.matrices)
-        self.elements = sum(p.numel() for p in tensors)
+        self.elements = sum(math.prod(s) for s in shapes)
         self._start = optimizer.ns_calls
         self.checked = False
 

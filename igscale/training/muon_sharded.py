@@ -65,10 +65,11 @@ def merge_shards(shards: list[dict]) -> dict:
 class ShardedMuonWithAdam(MuonWithAdam):
     """MuonWithAdam whose step updates only this rank's tensors, then all-gathers everyone's."""
 
-    shards_itself = True  # the engine runs DeepSpeed unpartitioned underneath (whole matrices, whole gradients)
+    shards_itself = True  # the trainer saves every rank's state_dict() (its shard)
+    whole_params = True  # the engine runs DeepSpeed unpartitioned underneath (whole matrices, whole gradients)
 
-    def __init__(self, param_groups: list[dict], *, rank: int, world_size: int):
-        super().__init__(param_groups)
+    def __init__(self, param_groups: list[dict], *, rank: int, world_size: int, max_grad_norm: float = 0.0):
+        super().__init__(param_groups, max_grad_norm=max_grad_norm)
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
         self.rank, self.world_size = rank, world_size
@@ -84,17 +85,16 @@ class ShardedMuonWithAdam(MuonWithAdam):
         self._width = max(sum(p.numel() for p in ps) for ps in self._by_rank)
         self.ns_per_step = sum(len(m) for m, g in zip(self._mine, self.param_groups) if g["use_muon"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _update(self) -> None:
+        # gradients were clipped over the whole model (MuonWithAdam.step); each rank updates its own tensors
         for g, mine in zip(self.param_groups, self._mine):
             g["params"] = mine
         try:
-            loss = super().step(closure)
+            super()._update()
         finally:
             for g, ps in zip(self.param_groups, self._all):
                 g["params"] = ps
         self._exchange()
-        return loss
 
     def _exchange(self) -> None:
         """One all-gather: every rank's updated tensors, flattened into a buffer padded to the widest rank's."""
