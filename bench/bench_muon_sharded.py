@@ -4,8 +4,9 @@ Every column is built by `build_engine` from configs/lightningdit_xl1_ig.yaml's 
 at a LightningDiT+IG size whose Newton-Schulz work dominates a CPU step (default hidden 384, depth 6). Each rep
 runs a backward, then times the engine's optimizer step (DeepSpeed's step around the client optimizer: at ZeRO-2/3
 its partition handling and igscale's two all-to-alls, at ZeRO-1 the all-gather), best of --reps. The state is
-the bytes each rank's optimizer keeps between steps (moments, plus at ZeRO-2/3 the owned tensors' whole fp32
-weight and gradient buffers); DeepSpeed's fp32 master partitions come on top at ZeRO-1..3 as for any optimizer.
+the bytes each rank's optimizer keeps between steps (its moments); at ZeRO-2/3 the owned tensors' whole fp32
+weights and gradients exist during the step only (printed), and DeepSpeed's fp32 master partitions come on top as
+for any optimizer.
 
     python bench/bench_muon_sharded.py [--hidden 384] [--depth 6] [--reps 5] [--stages 0,1,2,3]
 """
@@ -57,9 +58,9 @@ def worker(a) -> None:
         times.append(time.perf_counter() - t0)
     inner = getattr(opt, "inner", opt)  # ZeRO-2/3: the owners' reference optimizer
     state = sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
-    state += getattr(opt, "buffer_bytes", 0)
     out = [None] * env.world_size
-    dist.all_gather_object(out, {"step_s": min(times), "state_bytes": state, "ns": getattr(opt, "ns_per_step", None)})
+    dist.all_gather_object(out, {"step_s": min(times), "state_bytes": state, "ns": getattr(opt, "ns_per_step", None),
+                                 "step_buffer_bytes": getattr(opt, "step_buffer_bytes", 0)})
     if env.rank == 0:
         params = sum(p.numel() for p in engine.module.parameters())
         print(json.dumps({"ranks": out, "params": params, "optimizer": type(opt).__name__}), flush=True)
@@ -96,8 +97,10 @@ def main() -> None:
     print(f"{'state per rank (largest)':>26}" + "".join(f"{mem[st] / 2**20:>8.1f} MiB{mem[st] / mem[base]:>7.2f}"
                                                        for st in stages))
     for st in stages:
+        extra = max(r["step_buffer_bytes"] for r in res[st]["ranks"])
         print(f"ZeRO-{st}: {res[st]['optimizer']}; Newton-Schulz per rank per step: "
-              f"{[r['ns'] for r in res[st]['ranks']]}")
+              f"{[r['ns'] for r in res[st]['ranks']]}" + (f"; whole owned tensors during the step: "
+                                                          f"{extra / 2**20:.1f} MiB" if extra else ""))
 
 if __name__ == "__main__":
     main()

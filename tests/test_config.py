@@ -28,7 +28,7 @@ def test_official_recipes():
     assert sit.model.resolve().depth == 28  # unset fields take the registry preset's value
     ldit = load_config(os.path.join(CONFIGS, "lightningdit_xl1_ig.yaml"))
     assert ldit.optim.name == "muon" and ldit.optim.muon_lr == 2e-4 and ldit.optim.muon_weight_decay == 0.01
-    assert ldit.optim.betas == (0.9, 0.95) and ldit.loss.cosine_loss and ldit.engine.zero_stage == 1
+    assert ldit.optim.betas == (0.9, 0.95) and ldit.loss.cosine_loss and ldit.engine.zero_stage == 2
     for name in ("sit_b2_ig", "sit_l2_ig"):  # derived from the same base recipe
         c = load_config(os.path.join(CONFIGS, f"{name}.yaml"))
         assert c.optim == sit.optim and c.train == sit.train

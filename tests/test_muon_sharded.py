@@ -1,12 +1,14 @@
-"""igscale's Muon at ZeRO-1 (state and Newton-Schulz work divided over the ranks), with real DeepSpeed on 2 gloo
-ranks and latents streamed from the real S3 server.
+"""igscale's Muon at ZeRO-1, 2 and 3 (state and Newton-Schulz work divided over the ranks), with real DeepSpeed on
+2 gloo ranks and latents streamed from the real S3 server.
 
 - ten steps of a small LightningDiT+IG give bitwise the weights (and losses) of the reference Muon at ZeRO-0, from
   the same initial state; each rank orthogonalises only its share of the matrices;
 - a SIGKILL mid-run, then the same command: the resumed run is bitwise the uninterrupted one; it then continues
-  on one rank (the optimizer shards re-distributed); a sharded checkpoint resumed replicated (zero_stage 1 -> 0)
-  continues exactly as the reference does, and a replicated state loads into the sharded optimizer (0 -> 1);
-- the owner assignment balances the Newton-Schulz FLOPs, and a shard saved at one world size loads at another.
+  on one rank (the optimizer shards re-distributed);
+- ZeRO-2 (DeepSpeed partitions the gradients) and ZeRO-3 (and the weights): the same at each stage; ZeRO-2 is
+  bitwise the reference, ZeRO-3 bitwise the reference replayed on ZeRO-3's own gradients (tests/muon_zero_probe.py);
+- the owner assignment balances the Newton-Schulz FLOPs; shards saved at one stage and world size load at another
+  (into the replicated optimizer for a zero_stage 1 -> 0 resume, and a replicated state into the sharded one).
 """
 from __future__ import annotations
 
@@ -72,14 +74,6 @@ def test_zero1_muon_is_the_reference_bitwise_and_resumes_exactly(reference, data
         assert torch.equal(_export(kill_url)[k], v), k
     c = _losses(kill_dir)
     assert [c[s]["train/loss"] for s in range(6, STEPS + 1)] == [b[s]["train/loss"] for s in range(6, STEPS + 1)]
-
-    # the sharded checkpoint resumed with zero_stage 0 (replicated) goes on exactly as the reference does: every
-    # rank's shard is merged, not only the rank-0 copy DeepSpeed restores
-    more = f"train.total_steps={STEPS + 2}"
-    _run(ref_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={reference[2]}", more)
-    _run(run_dir, data.manifest, env, *COMMON, "engine.zero_stage=0", f"checkpoint.url={url}", more)
-    a, b = _losses(ref_dir), _losses(run_dir)
-    assert [a[s]["train/loss"] for s in (11, 12)] == [b[s]["train/loss"] for s in (11, 12)]
 
     # and on, on one rank: the two ranks' optimizer shards re-distributed (the elastic resume)
     out = _run(kill_dir, data.manifest, env, *args, f"train.total_steps={STEPS + 2}", nproc=1)
@@ -235,7 +229,9 @@ def test_zero23_shards_move_between_stages_and_world_sizes():
     shards = []
     for r in range(2):
         opt = ZeroMuonWithAdam(groups(), rank=r, world_size=2)
+        opt._hold()  # the whole owned tensors a step works on (released between steps)
         for t in opt._full.values():
+            t.copy_(torch.randn_like(t))
             t.grad.copy_(torch.randn_like(t))
         opt.inner.step()  # the owners' update, without DeepSpeed around it
         shards.append(opt.shard_state_dict())

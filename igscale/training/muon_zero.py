@@ -80,7 +80,8 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
         self._params = [p for g in param_groups for p in g["params"]]  # the canonical tensor order
         if len({p.dtype for p in self._params}) > 1 or self._params[0].dtype != torch.float32:
             raise ValueError("Muon under ZeRO-2/3 needs fp32 weights (precision fp32 or bf16_autocast)")
-        self._shapes = [tuple(p.shape) for p in self._params]
+        self._shapes = [tuple(p.shape) for p in self._params]  # whole: ZeRO-3 empties the parameters later
+        self._numels = [p.numel() for p in self._params]
         self._owner = [o for own in assign_owners(param_groups, world_size) for o in own]
         self.model_groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
         self._group_idx = []  # per group, the canonical indices of its tensors
@@ -90,30 +91,29 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
             k += len(g["params"])
         for mg in self.model_groups:
             mg.setdefault("base_lr", mg["lr"])
-        # this rank's tensors, whole: one fp32 weight buffer and one gradient buffer, viewed per tensor
+        # this rank's tensors, whole. Their storage is a weight and a gradient buffer that exist only during a
+        # step (between steps DeepSpeed's partitions hold the values); the tensors themselves stay, as the keys of
+        # the reference optimizer's state
         self._mine = [k for k, o in enumerate(self._owner) if o == rank]
-        self._start, n = {}, 0
+        self._start, self._numel = {}, 0
         for k in self._mine:
-            self._start[k] = n
-            n += self._params[k].numel()
-        dev = self._params[0].device
-        self._weights = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._grads = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._full = {k: self._view(self._weights, k) for k in self._mine}
-        for k in self._mine:
-            self._full[k].grad = self._view(self._grads, k)
+            self._start[k] = self._numel
+            self._numel += self._numels[k]
+        self._dev = self._params[0].device
+        self._full = {k: torch.zeros(self._shapes[k], dtype=torch.float32, device=self._dev) for k in self._mine}
         inner = [dict(mg, params=[self._full[k] for k in idx if k in self._full])
                  for mg, idx in zip(self.model_groups, self._group_idx)]
         self._inner_of = [gi for gi, g in enumerate(inner) if g["params"]]  # model group of each inner group
         # the reference update on this rank's whole tensors (clipping is done here, with the global norm)
         self.inner = MuonWithAdam([inner[gi] for gi in self._inner_of] or [dict(inner[0], params=[])])
         self.ns_per_step = sum(1 for k in self._mine if self._is_muon(k))
+        self._release()
         self._bound = False
         super().__init__([{"params": self._params, "lr": self.model_groups[0]["lr"]}], defaults={})
 
     def _view(self, buf: torch.Tensor, k: int) -> torch.Tensor:
         s = self._start[k]
-        return buf[s:s + self._params[k].numel()].view(self._shapes[k])
+        return buf[s:s + self._numels[k]].view(self._shapes[k])
 
     def _is_muon(self, k: int) -> bool:
         return bool(next(mg for mg, idx in zip(self.model_groups, self._group_idx) if k in idx)["use_muon"])
@@ -123,9 +123,23 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
         return self.inner.ns_calls
 
     @property
-    def buffer_bytes(self) -> int:
-        """Bytes of the owned tensors' whole weight and gradient buffers, kept between steps besides the state."""
-        return (self._weights.numel() + self._grads.numel()) * 4
+    def step_buffer_bytes(self) -> int:
+        """Bytes of the owned tensors' whole weights and gradients, allocated during a step only."""
+        return 2 * self._numel * 4
+
+    def _hold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.empty(self._numel, dtype=torch.float32, device=self._dev)
+        g = torch.empty(self._numel, dtype=torch.float32, device=self._dev)
+        for k, t in self._full.items():
+            t.data = self._view(w, k)
+            t.grad = self._view(g, k)
+        return w, g
+
+    def _release(self) -> None:
+        empty = torch.empty(0, dtype=torch.float32, device=self._dev)
+        for t in self._full.values():
+            t.grad = None
+            t.data = empty
 
     def muon_shapes(self) -> list[tuple[int, ...]]:
         """Every Muon matrix of the model, whole (what the owners orthogonalise)."""
@@ -152,27 +166,37 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
             if not torch.equal(flat.detach()[at:at + length], want.float()):
                 raise RuntimeError(f"DeepSpeed's ZeRO-{stage} partition layout is not the expected one (tensor {k})")
         self._stage, self._pieces, self._flat = stage, pieces, flat
-        dev = flat.device
         mine = pieces[self.rank]
-        # outgoing rows: this rank's pieces, grouped by owner; incoming: every rank's pieces of this rank's tensors
+        # outgoing: this rank's pieces as (offset in its partition, length) runs, grouped by owner; incoming: every
+        # rank's pieces of this rank's tensors as runs in the owned buffers, in the order the sender packs them
         order = sorted(range(len(mine)), key=lambda i: self._owner[mine[i][0]])
-        self._send_idx = self._positions([(mine[i][3], mine[i][2]) for i in order], dev)
+        self._send_runs = [(mine[i][3], mine[i][2]) for i in order]
         self._send_rows = [sum(length for k, _, length, _ in mine if self._owner[k] == r)
                            for r in range(self.world_size)]
         recv = [[(self._start[k] + start, length) for k, start, length, _ in pieces[r] if self._owner[k] == self.rank]
                 for r in range(self.world_size)]
         self._recv_rows = [sum(n for _, n in rows) for rows in recv]
-        self._recv_idx = self._positions([piece for rows in recv for piece in rows], dev)
-        if not torch.equal(torch.sort(self._recv_idx).values,
-                           torch.arange(self._weights.numel(), device=dev)):
+        self._recv_runs = [run for rows in recv for run in rows]
+        covered = torch.zeros(self._numel, dtype=torch.int32)
+        for s0, n in self._recv_runs:
+            covered[s0:s0 + n] += 1
+        if not bool((covered == 1).all()):
             raise RuntimeError("the pieces sent to this rank do not make up its tensors exactly once")
+        self._send_lens = [n for _, n in self._send_runs]
+        self._recv_lens = [n for _, n in self._recv_runs]
+        self._mine_idx = torch.tensor(self._mine, dtype=torch.long, device=self._dev)
         self._bound = True
 
     @staticmethod
-    def _positions(runs: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    def _gather(buf: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
         if not runs:
-            return torch.zeros(0, dtype=torch.long, device=device)
-        return torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in runs]).to(device)
+            return buf.new_zeros(0)
+        return torch.cat([buf[s0:s0 + n] for s0, n in runs])
+
+    @staticmethod
+    def _scatter(dst: list[torch.Tensor], src: torch.Tensor, lens: list[int]) -> None:
+        if dst:
+            torch._foreach_copy_(dst, list(src.split(lens)))
 
     # -- step ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,28 +211,30 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
         (flat,) = group["params"]
         grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)
         # 1. to the owners: rows of (gradient, weight)
-        out = torch.stack([grad.index_select(0, self._send_idx), flat.detach().index_select(0, self._send_idx)], 1)
-        got = all_to_all(out, self._send_rows, self._recv_rows).to(self._weights.device)
-        self._grads.index_copy_(0, self._recv_idx, got[:, 0])
-        self._weights.index_copy_(0, self._recv_idx, got[:, 1])
+        out = torch.stack([self._gather(grad, self._send_runs), self._gather(flat.detach(), self._send_runs)], 1)
+        got = all_to_all(out, self._send_rows, self._recv_rows).to(self._dev).t()  # (2, rows)
+        w, g = self._hold()
+        self._scatter([g[s0:s0 + n] for s0, n in self._recv_runs], got[0], self._recv_lens)
+        self._scatter([w[s0:s0 + n] for s0, n in self._recv_runs], got[1], self._recv_lens)
+        del out, got
         # 2. the global norm from one norm per whole tensor (zeros elsewhere: the sum over ranks is exact)
         if self.max_grad_norm > 0:
-            norms = torch.zeros(len(self._params), dtype=torch.float32, device=self._weights.device)
+            norms = torch.zeros(len(self._params), dtype=torch.float32, device=self._dev)
             if self._mine:
-                idx = torch.tensor(self._mine, device=norms.device)
-                norms.index_copy_(0, idx, grad_norms([self._full[k].grad for k in self._mine], norms.device))
-            norms = all_reduce(norms).to(self._weights.device)
-            self._grads.mul_(clip_coef(norms, self.max_grad_norm))
+                norms.index_copy_(0, self._mine_idx, grad_norms([self._full[k].grad for k in self._mine], self._dev))
+            norms = all_reduce(norms).to(self._dev)
+            g.mul_(clip_coef(norms, self.max_grad_norm))
         factor = group["lr"] / group.get("base_lr", group["lr"])
         for mg in self.model_groups:
             mg["lr"] = mg["base_lr"] * factor
-        for gi, g in zip(self._inner_of, self.inner.param_groups):
-            g["lr"] = self.model_groups[gi]["lr"]
+        for gi, ig in zip(self._inner_of, self.inner.param_groups):
+            ig["lr"] = self.model_groups[gi]["lr"]
         self.inner.found_inf = getattr(self, "found_inf", None)
         self.inner._update()
         # 3. the new weights back to the ranks that hold them
-        back = all_to_all(self._weights.index_select(0, self._recv_idx), self._recv_rows, self._send_rows)
-        flat.data.index_copy_(0, self._send_idx, back.to(flat.device))
+        back = all_to_all(self._gather(w, self._recv_runs), self._recv_rows, self._send_rows)
+        self._release()
+        self._scatter([flat.data[s0:s0 + n] for s0, n in self._send_runs], back.to(flat.device), self._send_lens)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------------------------
