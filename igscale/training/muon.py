@@ -104,8 +104,8 @@ class MuonWithAdam(torch.optim.Optimizer):
                 if bad:
                     raise ValueError(
                         f"Muon got parameters with fewer than 2 dims {bad[:3]}: the optimizer is seeing flattened "
-                        "partitions (ZeRO or a DeepSpeed bf16/fp16 optimizer); use zero_stage 0 with fp32 or "
-                        "bf16_autocast precision"
+                        "partitions (ZeRO or a DeepSpeed bf16/fp16 optimizer); build it with muon_param_groups on "
+                        "the whole weights (igscale's ZeRO-1/2/3 forms shard it), precision fp32 or bf16_autocast"
                     )
             else:
                 g.setdefault("betas", (0.9, 0.95))
@@ -213,9 +213,9 @@ class MuonGuard:
         flat = [s for s in shapes if len(s) < 2]
         if flat:
             raise NotMuonError(f"the Muon group holds {len(flat)} flattened tensor(s) {flat[:3]} instead of whole "
-                               "weight matrices (ZeRO 1-3 or DeepSpeed's bf16/fp16 optimizer partitioned them): "
-                               "Newton-Schulz would act on 1-D slices, not Muon. Use engine.zero_stage=0 with fp32 or "
-                               "bf16_autocast")
+                               "weight matrices (a ZeRO partition or DeepSpeed's bf16/fp16 optimizer flattened "
+                               "them): Newton-Schulz would act on 1-D slices, not Muon. Use optim.name=muon (igscale "
+                               "shards whole matrices itself at every ZeRO stage) with precision fp32 or bf16_autocast")
         if not shapes:
             raise NotMuonError("optim.name=muon, but no trainable >= 2-D weight is in a Muon group: the run would "
                                "train every weight with Adam")
