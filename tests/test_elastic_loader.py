@@ -128,3 +128,29 @@ def test_ray_auto_workers_take_the_cluster_slots_the_round_splits_over():
     assert auto_workers({"GPU": 8.0}, use_gpu=True, cpus_per_worker=1, round_size=4) == 4
     with pytest.raises(ValueError, match="no worker slot"):
         auto_workers({"CPU": 1.0}, round_size=8, **cpu)
+
+
+def test_closing_mid_epoch_stops_every_worker_thread(manifest, s3_server):
+    """The trainer closes its data iterator when a run ends mid-epoch: the epoch's worker threads must be gone at
+    once (a thread still inside a torch op while the interpreter finalises aborts the process), for the
+    pass-through stream and for a resized one alike."""
+    import gc
+    import threading
+
+    def loader_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("latent-loader")]
+
+    for world, rank in ((2, 1), (3, 2)):  # canonical size, then a resize from a 2-rank layout
+        el = ElasticLoader(manifest, batch_size=12 // world, rank=rank, world_size=world, **_kw(s3_server))
+        if world == 3:
+            el.load_state_dict(merge_states([ElasticLoader(manifest, batch_size=6, rank=r, world_size=2,
+                                                           **_kw(s3_server)).state_dict() for r in range(2)]))
+        it = iter(el)
+        next(it)
+        assert loader_threads()
+        gc.disable()  # the close must not rely on the collector
+        try:
+            it.close()
+            assert not loader_threads(), loader_threads()
+        finally:
+            gc.enable()

@@ -159,7 +159,7 @@ def _run(cfg) -> int:
 
     from igscale.checkpoint.store import Checkpointer
     from igscale.distributed.engine import init_deepspeed_distributed
-    from igscale.distributed.env import destroy_distributed, detect_env, device_for, init_distributed
+    from igscale.distributed.env import barrier, destroy_distributed, detect_env, device_for, init_distributed
     from igscale.models.flops import train_flops_per_image
     from igscale.monitor.metrics import MetricsSink, peak_flops
     from igscale.ops.attention import attention_kind
@@ -212,6 +212,9 @@ def _run(cfg) -> int:
         code = trainer.run()
         if code == EXIT_OK:
             _export(trainer, model_config, ckpt, rank)
+            # no rank tears its process group down while rank 0 is still writing the export: an asymmetric gloo
+            # teardown can abort the early rank at exit ("terminate called without an active exception")
+            barrier()
         return code
     except ConfigError as e:
         print(f"igscale train: invalid config: {e}", file=sys.stderr)

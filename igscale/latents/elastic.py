@@ -18,6 +18,7 @@ C / W', W' above C reads each stream W' / C times (docs/training.md, "Elastic re
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from typing import Any
@@ -169,9 +170,12 @@ class ElasticLoader:
         empty = 0  # a resume at an epoch's very end reads one empty epoch; two in a row would loop forever
         while True:
             n = 0
-            for batch in ld:
-                n += 1
-                yield batch
+            # closed explicitly: closing this generator must stop the epoch's worker threads now, not whenever the
+            # iterator is collected (a thread still inside a torch op at interpreter exit aborts the process)
+            with contextlib.closing(iter(ld)) as epoch:
+                for batch in epoch:
+                    n += 1
+                    yield batch
             empty = 0 if n else empty + 1
             if empty > 1:
                 raise RuntimeError(f"canonical data stream {ld.rank} yielded no batch in two epochs: every one of its "
