@@ -82,6 +82,7 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
             raise ValueError("Muon under ZeRO-2/3 needs fp32 weights (precision fp32 or bf16_autocast)")
         self._shapes = [tuple(p.shape) for p in self._params]  # whole: ZeRO-3 empties the parameters later
         self._numels = [p.numel() for p in self._params]
+        self._use_muon = [bool(g["use_muon"]) for g in param_groups for _ in g["params"]]
         self._owner = [o for own in assign_owners(param_groups, world_size) for o in own]
         self.model_groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
         self._group_idx = []  # per group, the canonical indices of its tensors
@@ -106,7 +107,7 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
         self._inner_of = [gi for gi, g in enumerate(inner) if g["params"]]  # model group of each inner group
         # the reference update on this rank's whole tensors (clipping is done here, with the global norm)
         self.inner = MuonWithAdam([inner[gi] for gi in self._inner_of] or [dict(inner[0], params=[])])
-        self.ns_per_step = sum(1 for k in self._mine if self._is_muon(k))
+        self.ns_per_step = sum(self._use_muon[k] for k in self._mine)
         self._release()
         self._bound = False
         super().__init__([{"params": self._params, "lr": self.model_groups[0]["lr"]}], defaults={})
@@ -114,9 +115,6 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
     def _view(self, buf: torch.Tensor, k: int) -> torch.Tensor:
         s = self._start[k]
         return buf[s:s + self._numels[k]].view(self._shapes[k])
-
-    def _is_muon(self, k: int) -> bool:
-        return bool(next(mg for mg, idx in zip(self.model_groups, self._group_idx) if k in idx)["use_muon"])
 
     @property
     def ns_calls(self) -> int:
@@ -143,7 +141,7 @@ class ZeroMuonWithAdam(torch.optim.Optimizer):
 
     def muon_shapes(self) -> list[tuple[int, ...]]:
         """Every Muon matrix of the model, whole (what the owners orthogonalise)."""
-        return [self._shapes[k] for k in range(len(self._params)) if self._is_muon(k)]
+        return [shape for shape, muon in zip(self._shapes, self._use_muon) if muon]
 
     # -- layout ----------------------------------------------------------------------------------------------
     def bind_zero(self, ds_optimizer, stage: int) -> None:
